@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv (Python 3.11 if present) and installs t3s with its test and Hugging Face extras.
+# torch is installed first as the CPU wheel 2.13.0 so pip never pulls a multi-GB CUDA build; on a GPU machine
+# install the torch build you want before running this (an existing torch >= 2.5 is kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+[ -d .venv ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test,hf]"

@@ -1,0 +1,1 @@
+"""T3S: Training-Trajectory-Aware Token Selection, end to end."""
