@@ -8,14 +8,12 @@
 
 import os
 
-if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch as _torch
+# Must happen before triton is first imported (triton reads it at import time).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
 
-        if not _torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-    except ImportError:
-        pass
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -1,0 +1,130 @@
+"""The Imitation Bottleneck: the checkpoint of lowest training accuracy (paper eq. 1).
+
+Three ways to pick it, all pure functions of an accuracy curve ``{step: accuracy}``:
+
+* :func:`argmin_bottleneck` — over the whole trajectory (ties: the earliest step).
+* :class:`OnlineBottleneckDetector` — the library's own online rule (the paper gives none): a new minimum
+  is a value lower than the best so far by more than ``min_delta``; it is *confirmed* once ``patience``
+  further evaluations bring no new minimum, and training may stop there.
+* :func:`fixed_bottleneck` — T3S-simple: a fixed step (the paper: 10).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Bottleneck:
+    step: int
+    accuracy: float | None
+    method: str
+    confirmed_at: int | None = None
+    """Step at which the online detector confirmed it (None for argmin / fixed, or never confirmed)."""
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "accuracy": self.accuracy, "method": self.method,
+                "confirmed_at": self.confirmed_at}
+
+
+def _check(curve: dict[int, float]) -> list[tuple[int, float]]:
+    if not curve:
+        raise ValueError("accuracy curve is empty: evaluate at least one checkpoint")
+    items = sorted((int(s), float(a)) for s, a in curve.items())
+    for s, a in items:
+        if not 0.0 <= a <= 1.0 or a != a:
+            raise ValueError(f"accuracy at step {s} is {a}; expected a value in [0, 1]")
+    return items
+
+
+def argmin_bottleneck(curve: dict[int, float], *, min_step: int = 1) -> Bottleneck:
+    """Earliest step of lowest accuracy among steps ``>= min_step``."""
+    items = [(s, a) for s, a in _check(curve) if s >= min_step]
+    if not items:
+        raise ValueError(f"no accuracy evaluated at step >= {min_step}")
+    step, acc = min(items, key=lambda sa: (sa[1], sa[0]))
+    return Bottleneck(step=step, accuracy=acc, method="argmin")
+
+
+def fixed_bottleneck(step: int, curve: dict[int, float] | None = None) -> Bottleneck:
+    if step < 1:
+        raise ValueError(f"fixed bottleneck step must be >= 1, got {step}")
+    return Bottleneck(step=step, accuracy=(curve or {}).get(step), method="fixed")
+
+
+@dataclass
+class OnlineBottleneckDetector:
+    """Feed evaluations in step order with :meth:`update`; it answers whether the bottleneck is confirmed.
+
+    Example: accuracies 0.9, 0.5, 0.2, 0.3, 0.4, 0.5 with ``patience=3`` -> bottleneck at the 0.2
+    evaluation, confirmed three evaluations later.
+    """
+
+    patience: int = 3
+    min_delta: float = 0.0
+    min_step: int = 1
+    best_step: int | None = None
+    best_accuracy: float | None = None
+    since_best: int = 0
+    confirmed_at: int | None = None
+    history: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+
+    def update(self, step: int, accuracy: float) -> bool:
+        """Record one evaluation; return True when it is a new minimum (the caller saves θb then)."""
+        if self.history and step <= max(self.history):
+            raise ValueError(f"steps must increase: got {step} after {max(self.history)}")
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"accuracy at step {step} is {accuracy}; expected a value in [0, 1]")
+        self.history[step] = float(accuracy)
+        if step < self.min_step:
+            return False
+        if self.best_accuracy is None or accuracy < self.best_accuracy - self.min_delta:
+            self.best_step, self.best_accuracy, self.since_best = step, float(accuracy), 0
+            self.confirmed_at = None
+            return True
+        self.since_best += 1
+        if self.since_best >= self.patience and self.confirmed_at is None:
+            self.confirmed_at = step
+        return False
+
+    @property
+    def confirmed(self) -> bool:
+        return self.confirmed_at is not None
+
+    def result(self) -> Bottleneck:
+        if self.best_step is None:
+            raise ValueError("no evaluation at or after min_step yet")
+        return Bottleneck(self.best_step, self.best_accuracy, "online", self.confirmed_at)
+
+    def state_dict(self) -> dict:
+        return {"patience": self.patience, "min_delta": self.min_delta, "min_step": self.min_step,
+                "best_step": self.best_step, "best_accuracy": self.best_accuracy,
+                "since_best": self.since_best, "confirmed_at": self.confirmed_at,
+                "history": {str(k): v for k, v in self.history.items()}}
+
+
+def detect_online(curve: dict[int, float], *, patience: int = 3, min_delta: float = 0.0,
+                  min_step: int = 1) -> Bottleneck:
+    """Replay a curve through :class:`OnlineBottleneckDetector`; stops at the first confirmation."""
+    det = OnlineBottleneckDetector(patience=patience, min_delta=min_delta, min_step=min_step)
+    for step, acc in _check(curve):
+        det.update(step, acc)
+        if det.confirmed:
+            break
+    return det.result()
+
+
+def find_bottleneck(curve: dict[int, float] | None, *, method: str = "online", step: int = 10,
+                    patience: int = 3, min_delta: float = 0.0, min_step: int = 1) -> Bottleneck:
+    """Dispatch on ``method`` (``online`` / ``argmin`` / ``fixed``)."""
+    if method == "fixed":
+        return fixed_bottleneck(step, curve)
+    if method == "argmin":
+        return argmin_bottleneck(curve or {}, min_step=min_step)
+    if method == "online":
+        return detect_online(curve or {}, patience=patience, min_delta=min_delta, min_step=min_step)
+    raise ValueError(f"bottleneck method must be online, argmin or fixed, got {method!r}")

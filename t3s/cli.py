@@ -1,0 +1,170 @@
+"""The ``t3s`` command.
+
+    t3s run CONFIG.yaml [key=value ...]     the whole pipeline (resumes a stopped run)
+    t3s demo [key=value ...]                the offline CPU demo (t3s/configs/demo.yaml)
+    t3s train CONFIG.yaml [key=value ...] [--selection DIR] [--out DIR] [--mode ar|dllm]
+                                            one training run (AR SFT / a selection, or block diffusion)
+    t3s profile --model M --data D --out S  per-token confidence c_t of one checkpoint
+    t3s select --delta S --rule t3s --out O token selection from a Δc store
+    t3s report RUN_DIR                      rebuild a run's report from its files
+
+Overrides use dotted keys and YAML values: ``optim.lr=5e-4 variants=[sft,t3s] bottleneck.method=fixed``.
+Multi-GPU: ``torchrun --nproc-per-node 8 -m t3s.cli run CONFIG.yaml`` (FSDP2; ``distributed.strategy=ddp``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from t3s.config import ConfigError, config_path, load_config
+
+
+def _offline() -> None:
+    # Nothing is downloaded at run time: models, tokenizers and data are local paths.
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(k, "1")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from t3s.pipeline import run_pipeline
+    from t3s.report import format_table
+
+    cfg = load_config(args.config, args.overrides)
+    report = run_pipeline(cfg, progress=not args.no_progress)
+    _print_result(cfg, report, format_table)
+    return 0
+
+
+def _print_result(cfg, report: Path, format_table) -> None:
+    from t3s import distributed as D
+
+    if D.is_main():
+        print("\n" + format_table(cfg.run_dir, cfg) + "\n")
+        print(f"report: {report}")
+
+
+def demo_config(overrides: list[str]):
+    """The demo's config: packaged ``demo.yaml`` (if present) + overrides."""
+    try:
+        path = config_path("demo")
+    except ConfigError:
+        path = None
+    return load_config(path, overrides)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from t3s.demo import PretrainSpec, TaskSpec, TinyModelSpec, prepare_demo
+    from t3s.pipeline import run_pipeline
+    from t3s.report import format_table
+
+    cfg = demo_config(args.overrides)
+    kw = dict(cfg.demo)
+    for key, cls in (("task", TaskSpec), ("model", TinyModelSpec), ("pretrain_spec", PretrainSpec)):
+        if isinstance(kw.get(key), dict):
+            kw[key] = cls(**kw[key])
+    assets = prepare_demo(cfg.run_dir, **kw)
+    explicit = {o.split("=", 1)[0] for o in args.overrides}
+    for key, value in (("model.path", assets.base_model_dir), ("model.tokenizer", assets.tokenizer_dir),
+                       ("data.train", assets.train_path), ("data.heldout", assets.heldout_path)):
+        if key not in explicit:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, str(value))
+    print(assets.description)
+    report = run_pipeline(cfg, progress=not args.no_progress, description=assets.description)
+    _print_result(cfg, report, format_table)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from t3s.data import load_records, tokenize_records
+    from t3s.select import apply_selection, load_selection
+    from t3s.train import load_tokenizer, run_dllm_training, run_training
+
+    cfg = load_config(args.config, args.overrides + ([f"train.mode={args.mode}"] if args.mode else []))
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    d = cfg.data
+    records = load_records(d.train, format=d.format, adapter=d.adapter, limit=d.max_examples, require_answer=False)
+    examples = tokenize_records(records, tok, max_tokens=d.max_length, truncation=d.truncation)
+    if args.selection:
+        examples = apply_selection(examples, load_selection(args.selection))
+    out = Path(args.out or Path(cfg.run_dir) / "train")
+    if cfg.train.mode == "dllm":
+        final = run_dllm_training(cfg, examples, out)
+    else:
+        final = run_training(cfg, examples, out, progress=not args.no_progress).final_dir
+    print(f"model: {final}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from t3s.report import build_report, format_table
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").exists():
+        raise ConfigError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml", args.overrides)
+    path = build_report(run, cfg)
+    print("\n" + format_table(run, cfg) + "\n")
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t3s", description="T3S: Training-Trajectory-Aware Token Selection.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_overrides(sp, config: bool = True):
+        if config:
+            sp.add_argument("config", help="YAML config (see t3s/configs/default.yaml)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return sp
+
+    with_overrides(sub.add_parser("run", help="run or resume the whole pipeline")).set_defaults(fn=cmd_run)
+    with_overrides(sub.add_parser("demo", help="offline CPU demo (about 10 minutes on 2 cores)"),
+                   config=False).set_defaults(fn=cmd_demo)
+    tr = with_overrides(sub.add_parser("train", help="one training run (SFT, a selection, or dLLM)"))
+    tr.add_argument("--selection", help="selection folder from `t3s select` (per-token weights / dLLM targets)")
+    tr.add_argument("--out", help="output folder (default RUN_DIR/train)")
+    tr.add_argument("--mode", choices=("ar", "dllm"), help="shorthand for train.mode=...")
+    tr.set_defaults(fn=cmd_train)
+    rp = sub.add_parser("report", help="rebuild a run's report")
+    rp.add_argument("run_dir")
+    rp.add_argument("overrides", nargs="*", metavar="key=value")
+    rp.set_defaults(fn=cmd_report)
+    sub.add_parser("profile", help="per-token confidence of one checkpoint (see t3s profile -h)", add_help=False)
+    sub.add_parser("select", help="token selection from a Δc store (see t3s select -h)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _offline()
+    if argv and argv[0] in ("profile", "select"):  # their own parsers, owned by t3s.profile / t3s.select
+        if argv[0] == "profile":
+            from t3s.profile import profile_main
+
+            return profile_main(argv[1:])
+        from t3s.select import select_main
+
+        return select_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("T3S_TRACEBACK"):
+            raise
+        print(f"t3s {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from t3s import distributed as D
+
+        D.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""The run configuration: dataclasses with documented defaults, a YAML loader and ``key=value`` overrides.
+
+A config file only names the keys it changes; everything else keeps the default written here (and in
+``t3s/configs/default.yaml``, which documents every key). Overrides use dotted keys and YAML values::
+
+    t3s run my.yaml train.steps=30 optim.lr=5e-4 variants=[sft,t3s] bottleneck.method=fixed
+
+An unknown key is an error that names the key and lists close matches; a value of the wrong type is an
+error that names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+VARIANTS = ("sft", "t3s", "neg_t3s", "static_high_conf", "static_low_conf", "random", "rrt")
+"""Trained / constructed variants the pipeline knows. ``base`` (θ0 itself) is always evaluated."""
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key, wrong type or inconsistent values."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Local Hugging Face causal-LM folder (θ0). Nothing is downloaded."""
+    tokenizer: str | None = None
+    """Local tokenizer folder; defaults to ``model.path``."""
+    dtype: str = "fp32"
+    """Parameter dtype: ``fp32`` or ``bf16`` (bf16 weights; use ``train.autocast`` for mixed precision)."""
+    attn_implementation: str | None = None
+    """Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``); None = library default."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Teacher traces: JSONL / Parquet / HF dataset folder with ``prompt``, ``response``, ``answer``."""
+    heldout: str = ""
+    """Held-out prompts with gold answers for the final evaluation (responses not needed)."""
+    format: str = "auto"
+    """File format for ``t3s.data.load_records``: ``auto`` (from the extension), ``jsonl``, ``json``,
+    ``parquet``, ``hf``."""
+    adapter: str = "auto"
+    """Record adapter: ``auto``, ``canonical``, ``messages``, ``s1k``, ``s1k-1.1``, ``areal-boba``,
+    ``openthoughts``."""
+    max_length: int = 4096
+    """Longest tokenized example (prompt + response)."""
+    truncation: str = "error"
+    """What to do with a longer example: ``error``, ``right`` (drop the end) or ``left``."""
+    max_examples: int | None = None
+    """Use only the first N training records (None = all)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    """``cosine`` (to ``min_lr_ratio * lr``) or ``constant``, both after a linear warm-up."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping by global norm; None disables it."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 50
+    """Optimizer steps per run (the paper: 50)."""
+    batch_size: int = 64
+    """Examples per optimizer step, over all ranks (the paper: 64)."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward on one rank; gradient accumulation covers the rest."""
+    epochs_shuffle: bool = True
+    """Reshuffle the data at every pass over it (deterministic given ``seed``)."""
+    seed: int = 0
+    autocast: str = "none"
+    """``none`` or ``bf16`` (torch.autocast around forward and loss)."""
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    """Pack each micro-batch into rows of up to ``data.max_length`` tokens: per-document position ids and a
+    block-diagonal causal mask (with ``flash_attention_2``: position ids only, varlen attention)."""
+    log_every: int = 1
+    keep_checkpoints: bool = False
+    """Keep a checkpoint at every accuracy evaluation (θb and the final model are always kept)."""
+    mode: str = "ar"
+    """``ar`` (autoregressive SFT / T3S) or ``dllm`` (block diffusion, ``t3s.dllm``)."""
+
+
+@dataclass
+class AccuracyConfig:
+    """Training accuracy: greedy generation on training prompts, answer checked against the gold answer."""
+
+    every: int = 1
+    """Evaluate every k optimizer steps (and at step 0)."""
+    num_prompts: int | None = 64
+    """Subset of training prompts (fixed, seeded); None = all."""
+    max_new_tokens: int = 1024
+    batch_size: int = 32
+    verifier: str = "auto"
+    """``auto`` (math-verify if installed, else exact/numeric), ``exact``, ``numeric``, or ``module:function``."""
+    curve: str | None = None
+    """A precomputed ``{step: accuracy}`` JSON that replaces generation for the SFT trajectory."""
+    track_variants: bool = True
+    """Also log training accuracy while training the variants (for the SFT-vs-T3S plots)."""
+
+
+@dataclass
+class BottleneckConfig:
+    method: str = "online"
+    """``online`` (new minimum, then ``patience`` evaluations without a lower one), ``argmin`` (whole
+    trajectory) or ``fixed`` (T3S-simple: ``step``)."""
+    step: int = 10
+    patience: int = 3
+    min_delta: float = 0.0
+    """A value counts as a new minimum only if it is lower by more than this."""
+    stop_early: bool = True
+    """Stop the SFT trajectory once the online detector has confirmed the bottleneck."""
+    min_step: int = 1
+    """Never pick a checkpoint before this step (step 0 is θ0 itself)."""
+
+
+@dataclass
+class SelectConfig:
+    threshold: float = 0.0
+    """Anchor rule ``Δc > threshold`` (the paper: 0)."""
+    quantile: float | None = None
+    """Put the anchor cut at this quantile of Δc instead of at ``threshold`` (0.8 masks the top 20 %)."""
+    always_train_eos: bool = False
+    """Never mask end-of-sequence tokens (a refinement, off by default = the paper's rule)."""
+    tau: float = 0.2
+    """dLLM targets ``Δc < -tau``."""
+    seed: int = 0
+    """Seed of the random-mask control."""
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int | None = None
+    """Held-out prompts to evaluate (None = all)."""
+    max_new_tokens: int = 1024
+    batch_size: int = 32
+    style_patterns: dict = field(default_factory=dict)
+    """``{name: regex}``: the report shows the share of completions matching each (e.g. which teacher's
+    style the student writes in)."""
+
+
+@dataclass
+class DiagnosticsConfig:
+    delta_prob: bool = True
+    """Mean Δ-probability of anchors vs other tokens at every accuracy evaluation of the SFT / T3S runs."""
+    grad_stats: bool = True
+    """Anchor/other gradient-norm ratio and cosine at every accuracy evaluation of the SFT run."""
+    loss_transfer: bool = False
+    """The 4x4 loss-transfer matrix (four extra training runs, paper Appendix L)."""
+    loss_transfer_steps: int | None = None
+    """Steps for each loss-transfer run (None = ``train.steps``)."""
+    num_examples: int = 32
+    """Training examples used for the per-checkpoint diagnostics."""
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "fsdp2"
+    """Under torchrun: ``fsdp2`` (``fully_shard``) or ``ddp``. Ignored for a single process."""
+    backend: str = "auto"
+    """``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/t3s"
+    variants: list[str] = field(default_factory=lambda: ["sft", "t3s", "neg_t3s", "static_high_conf",
+                                                          "static_low_conf", "random", "rrt"])
+    """Variants to train and evaluate (θ0 is always evaluated as ``base``)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    dllm: dict = field(default_factory=dict)
+    """Options passed through to ``t3s.dllm.train_dllm`` when ``train.mode=dllm``."""
+    demo: dict = field(default_factory=dict)
+    """Options passed through to ``t3s.demo.prepare_demo`` by ``t3s demo``."""
+    paper_reference: str | None = None
+    """Name of a paper setting whose published numbers the report may show next to the run's (e.g.
+    ``boba200_r1``); None shows none. The report labels them as the paper's, never as the run's."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+_CHOICES = {
+    "model.dtype": ("fp32", "bf16"),
+    "data.truncation": ("error", "right", "left"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.autocast": ("none", "bf16"),
+    "train.mode": ("ar", "dllm"),
+    "bottleneck.method": ("online", "argmin", "fixed"),
+    "distributed.strategy": ("fsdp2", "ddp"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _all_keys(obj: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for name, _ in _fields(obj).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown(key: str, root: Config) -> ConfigError:
+    known = _all_keys(root)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    if not close:  # also match on the last component (``lr`` -> ``optim.lr``)
+        last = key.rsplit(".", 1)[-1]
+        close = [k for k in known if k.rsplit(".", 1)[-1] in difflib.get_close_matches(last, [
+            k2.rsplit(".", 1)[-1] for k2 in known], n=3, cutoff=0.6)][:3]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the annotated type ``tp``, or raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads ``1e-5`` as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set(root: Config, key: str, value: Any) -> None:
+    obj: Any = root
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields(obj)
+        if part not in fields:
+            raise _unknown(key, root)
+        if i == len(parts) - 1:
+            current = getattr(obj, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: is a section; set its keys ({key}.<name>=...) or give a mapping")
+                for k, v in value.items():
+                    _set(root, f"{key}.{k}", v)
+                return
+            if isinstance(current, dict) and fields[part] is dict and len(parts) == i + 1:
+                setattr(obj, part, _coerce(key, value, dict))
+                return
+            setattr(obj, part, _coerce(key, value, fields[part]))
+            return
+        nxt = getattr(obj, part)
+        if isinstance(nxt, dict):  # free-form pass-through section (dllm.*, demo.*)
+            sub = nxt
+            for p in parts[i + 1 : -1]:
+                sub = sub.setdefault(p, {})
+            sub[parts[-1]] = value
+            return
+        if not dataclasses.is_dataclass(nxt):
+            raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is not a section")
+        obj = nxt
+
+
+def apply_mapping(cfg: Config, mapping: dict, prefix: str = "") -> Config:
+    """Apply a (nested) mapping from a YAML file onto ``cfg`` in place."""
+    if mapping is None:
+        return cfg
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"config {prefix or 'file'} must be a mapping, got {type(mapping).__name__}")
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        target = _lookup(cfg, key)
+        if dataclasses.is_dataclass(target) and isinstance(v, dict):
+            apply_mapping(cfg, v, key + ".")
+        else:
+            _set(cfg, key, v)
+    return cfg
+
+
+def _lookup(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in _fields(obj):
+            raise _unknown(key, cfg)
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[x,y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]`` (values parsed as YAML)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: Config | None = None) -> Config:
+    """Defaults <- YAML file (if any) <- ``key=value`` overrides, then validated."""
+    cfg = base if base is not None else Config()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            mapping = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        apply_mapping(cfg, mapping or {})
+    for key, value in parse_overrides(overrides or []):
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot (choices, ranges, consistency)."""
+    for key, choices in _CHOICES.items():
+        value = _lookup(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+    bad = [v for v in cfg.variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"variants: unknown {', '.join(map(repr, bad))}; choose from {', '.join(VARIANTS)}")
+    if "rrt" in cfg.variants and "sft" not in cfg.variants:
+        raise ConfigError("variants: rrt needs sft (θf is the final SFT model)")
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+                "train.micro_batch_size": cfg.train.micro_batch_size, "accuracy.every": cfg.accuracy.every,
+                "accuracy.max_new_tokens": cfg.accuracy.max_new_tokens, "accuracy.batch_size":
+                cfg.accuracy.batch_size, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+                "eval.batch_size": cfg.eval.batch_size, "data.max_length": cfg.data.max_length,
+                "train.log_every": cfg.train.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.optim.warmup_steps < 0 or cfg.bottleneck.patience < 1 or cfg.bottleneck.step < 1:
+        raise ConfigError("optim.warmup_steps must be >= 0, bottleneck.patience and bottleneck.step >= 1")
+    if cfg.bottleneck.method == "fixed" and cfg.bottleneck.step > cfg.train.steps:
+        raise ConfigError(f"bottleneck.step={cfg.bottleneck.step} is after the last step (train.steps="
+                          f"{cfg.train.steps})")
+    if cfg.train.batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+                          f"train.micro_batch_size ({cfg.train.micro_batch_size})")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_path(name: str) -> Path:
+    """A config shipped with the package (``default``, ``demo``)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no packaged config {name!r} (looked for {path})")
+    return path
+
+
+def documented_yaml(cfg: Config | None = None) -> str:
+    """Every key with its value and its docstring as a comment (``t3s/configs/default.yaml`` is this text)."""
+    import ast
+    import textwrap
+
+    docs: dict[tuple[str, str], str] = {}
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef):
+            for st, nxt in zip(node.body, [*node.body[1:], None], strict=True):
+                if (isinstance(st, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                    docs[(node.name, st.target.id)] = " ".join(nxt.value.value.split())
+    lines = ["# t3s: every config key with its default. A run's config names only what it changes.",
+             "# (Generated by t3s.config.documented_yaml(); a test keeps it in sync with the dataclasses.)",
+             "#",
+             "#   t3s run my.yaml key=value ...     e.g. optim.lr=5e-4 train.steps=30 variants=[sft,t3s]",
+             "#   torchrun --nproc-per-node 8 -m t3s.cli run my.yaml     (FSDP2; distributed.strategy=ddp for DDP)",
+             "#",
+             "# An unknown key is an error. Paths are local; nothing is downloaded.", ""]
+
+    def emit(obj: Any, depth: int) -> None:
+        pad = "  " * depth
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            doc = docs.get((type(obj).__name__, f.name))
+            if doc:
+                lines.extend(f"{pad}# {line}" for line in textwrap.wrap(doc, 110 - len(pad)))
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{pad}{f.name}:")
+                emit(value, depth + 1)
+                lines.append("")
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+                text = text.removesuffix("...").strip()
+                lines.append(f"{pad}{f.name}: {text}".rstrip())
+
+    emit(cfg or Config(), 0)
+    return "\n".join(lines).rstrip() + "\n"

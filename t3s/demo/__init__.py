@@ -1,0 +1,150 @@
+"""The built-in demo: a tiny Hugging Face causal LM on a synthetic arithmetic task, offline on CPU.
+
+``prepare_demo(run_dir)`` builds everything the pipeline needs before its first stage:
+
+1. the task's data (teacher-B training traces and a held-out split, JSONL in the canonical form
+   ``{id, prompt, response, answer}``),
+2. a word-level tokenizer with a chat template (``save_pretrained``),
+3. the base student θ0: a tiny ``LlamaForCausalLM`` built from a config and pretrained on teacher A's terse
+   style until it solves the task (``save_pretrained``, written atomically; skipped when already there).
+
+The pipeline then continually distills θ0 on teacher B's verbose style (``t3s/configs/demo.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from t3s.demo.model import TinyModelSpec, build_model
+from t3s.demo.pretrain import PretrainSpec, answer_accuracy, pretrain
+from t3s.demo.task import TaskSpec, make_datasets
+from t3s.demo.tokenizer import build_tokenizer
+from t3s.io import atomic_path, read_json, write_json_atomic, write_text_atomic
+
+__all__ = ["DemoAssets", "PretrainSpec", "TaskSpec", "TinyModelSpec", "prepare_demo", "DEMO_CONFIG_PATH"]
+
+DEMO_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+DESCRIPTION = (
+    "Synthetic three-operand arithmetic (operands {lo}-{hi}, + and -). The student is a tiny {arch} "
+    "({params:,} parameters, {layers} layers, width {hidden}, word-level vocabulary of {vocab}) pretrained on "
+    "teacher A's terse style ('25+17=42,42-19=23.####23') to {acc:.0%} held-out greedy accuracy; it is then "
+    "continually distilled on {n_train} traces of teacher B's verbose style ('Let me think step by step. First, "
+    "25+17=42. Next, 42-19=23. Check: 23+19=42, correct. So the answer is \\boxed{{23}}'): same equations, a "
+    "wrapper of words, an extra verification step and a different answer marker. Held-out problems "
+    "(by a hash of the operands) were never seen in pretraining or distillation."
+)
+
+
+@dataclass
+class DemoAssets:
+    """Paths the pipeline needs, plus what was built."""
+
+    base_model_dir: Path
+    tokenizer_dir: Path
+    train_path: Path  # teacher-B traces, JSONL {id, prompt, response, answer}
+    heldout_path: Path  # held-out problems, JSONL (teacher-B reference responses)
+    description: str
+    info: dict = field(default_factory=dict)  # pretraining summary, specs, timings
+
+
+def _write_jsonl(path: Path, records) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def prepare_demo(
+    run_dir,
+    *,
+    seed: int = 0,
+    pretrain_steps: int | None = None,
+    task: TaskSpec | None = None,
+    model: TinyModelSpec | None = None,
+    pretrain_spec: PretrainSpec | None = None,
+    n_train: int = 200,
+    n_heldout: int = 200,
+    check_step: bool = True,
+    eval_max_new_tokens: int = 64,
+    log=print,
+) -> DemoAssets:
+    """Build (or reuse) the demo's data, tokenizer and pretrained base model under ``run_dir/demo``.
+
+    ``pretrain_steps`` overrides ``pretrain_spec.steps`` (tests use a handful); ``eval_max_new_tokens``
+    bounds the greedy held-out check of θ0 recorded in ``info``. Every output is written
+    atomically; a finished base model (``base_model/.done.json`` present with the same settings) is reused.
+    """
+    import torch
+
+    task = task or TaskSpec()
+    model_spec = model or TinyModelSpec()
+    pspec = pretrain_spec or PretrainSpec(seed=seed)
+    if pretrain_steps is not None:
+        if pretrain_steps < 1:
+            raise ValueError(f"prepare_demo: pretrain_steps must be >= 1, got {pretrain_steps}")
+        pspec = PretrainSpec(**{**pspec.to_dict(), "steps": int(pretrain_steps)})
+    if pspec.seed != seed:
+        pspec = PretrainSpec(**{**pspec.to_dict(), "seed": seed})
+
+    root = Path(run_dir) / "demo"
+    root.mkdir(parents=True, exist_ok=True)
+    data = make_datasets(seed, task, n_train=n_train, n_heldout=n_heldout, check_step=check_step)
+    train_path, heldout_path = root / "train_teacher_b.jsonl", root / "heldout.jsonl"
+    _write_jsonl(train_path, data["train_b"])
+    _write_jsonl(heldout_path, data["heldout"])
+    _write_jsonl(root / "train_teacher_a.jsonl", data["train_a"])
+
+    settings = {"seed": seed, "task": asdict(task), "model": model_spec.to_dict(), "pretrain": pspec.to_dict()}
+    tok_dir, base_dir = root / "tokenizer", root / "base_model"
+    done_path = base_dir / ".done.json"
+    tok = build_tokenizer(task)
+    if not (tok_dir / "tokenizer.json").exists():
+        with atomic_path(tok_dir, is_dir=True) as tmp:
+            tok.save_pretrained(tmp)
+
+    if done_path.exists() and read_json(done_path).get("settings") == settings:
+        info = read_json(done_path)
+        log(f"demo: reusing pretrained base model in {base_dir}")
+    else:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        t0 = time.time()
+        net = build_model(model_spec, tok, seed=seed)
+        n_params = sum(p.numel() for p in net.parameters())
+        log(f"demo: pretraining a {n_params:,}-parameter {model_spec.arch} on teacher A for {pspec.steps} steps")
+        summary = pretrain(net, tok, task, pspec, log=log)
+        acc, _ = answer_accuracy(net, tok, data["heldout"], max_new_tokens=eval_max_new_tokens)
+        info = {
+            "settings": settings,
+            "n_params": n_params,
+            "vocab_size": len(tok),
+            "heldout_acc_teacher_a": acc,
+            "pretrain_seconds": summary["seconds"],
+            "final_loss_ema": summary["final_loss_ema"],
+            "total_seconds": time.time() - t0,
+        }
+        with atomic_path(base_dir, is_dir=True) as tmp:
+            net.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_json_atomic(tmp / ".done.json", info)
+        log(f"demo: base model ready, held-out accuracy {acc:.2f} ({summary['seconds']:.0f}s)")
+
+    desc = DESCRIPTION.format(
+        lo=task.lo,
+        hi=task.hi,
+        arch={"llama": "Llama", "qwen3": "Qwen3"}[model_spec.arch],
+        params=info["n_params"],
+        layers=model_spec.num_hidden_layers,
+        hidden=model_spec.hidden_size,
+        vocab=info["vocab_size"],
+        acc=info["heldout_acc_teacher_a"],
+        n_train=n_train,
+    )
+    return DemoAssets(
+        base_model_dir=base_dir,
+        tokenizer_dir=base_dir,
+        train_path=train_path,
+        heldout_path=heldout_path,
+        description=desc,
+        info=info,
+    )

@@ -1,0 +1,280 @@
+"""The run's report: a results table and PNG plots, every number read from the run directory.
+
+``report/report.md`` holds the variant × held-out accuracy table (with the last training accuracy, the share
+of completions in each configured style, and the paper's published numbers only when ``paper_reference``
+names the matching setting — always in their own, labelled column), the bottleneck, the selection
+statistics and the plots:
+
+* ``training_dynamics.png`` — loss and training accuracy per step, SFT vs T3S (and the other variants), the
+  bottleneck marked;
+* ``delta_c.png`` — the distribution of Δc_t with the anchor threshold;
+* ``group_dprob.png`` — mean Δ-probability of anchors vs other tokens per checkpoint (SFT and T3S runs);
+* ``grad_stats.png`` — anchor/other gradient-norm ratio and cosine per checkpoint (SFT run);
+* the 4×4 loss-transfer matrix as a table when that stage ran.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from t3s.config import Config
+from t3s.io import read_json, write_atomic, write_json_atomic, write_text_atomic
+
+# Published numbers (AIME24 / AIME25 average, Qwen3-8B student) from the paper's Table 3 and Table 19, shown
+# only when ``paper_reference`` names one of these settings. They are the paper's results, never the run's.
+PAPER_REFERENCE = {
+    "boba200_r1": {"source": "paper Table 3 / Table 19 (Qwen3-8B, BOBA-200, DeepSeek-R1 teacher, AIME24/25 avg)",
+                   "base": 71.46, "sft": 63.13, "rrt": 72.61, "neg_t3s": 28.13, "t3s": 77.30,
+                   "static_high_conf": 63.34, "static_low_conf": 68.34},
+    "s1k200_r1": {"source": "paper Table 3 (Qwen3-8B, S1K-200, DeepSeek-R1 teacher, AIME24/25 avg)",
+                  "base": 71.46, "sft": 64.17, "rrt": 73.65, "neg_t3s": 26.67, "t3s": 76.57},
+    "boba200_qwq": {"source": "paper Table 3 (Qwen3-8B, BOBA-200, QwQ teacher, AIME24/25 avg)",
+                    "base": 71.46, "sft": 70.83, "rrt": 72.61, "neg_t3s": 41.67, "t3s": 74.17},
+    "s1k200_qwq": {"source": "paper Table 3 (Qwen3-8B, S1K-200, QwQ teacher, AIME24/25 avg)",
+                   "base": 71.46, "sft": 68.33, "rrt": 73.33, "neg_t3s": 43.33, "t3s": 74.59},
+}
+
+LABELS = {"base": "base (θ0)", "sft": "SFT", "t3s": "T3S", "neg_t3s": "−T3S", "static_high_conf":
+          "mask highest base confidence", "static_low_conf": "mask lowest base confidence",
+          "random": "random mask", "rrt": "RRT θ0+(θf−θb)"}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def collect(run_dir: str | Path) -> dict:
+    """Everything the report shows, read from the run directory."""
+    run = Path(run_dir)
+    out: dict = {"bottleneck": read_json(run / "bottleneck.json") if (run / "bottleneck.json").exists() else None,
+                 "trajectory": read_metrics(run / "trajectory" / "metrics.jsonl"), "variants": {}, "eval": {},
+                 "selections": {}}
+    for d in sorted((run / "variants").glob("*")) if (run / "variants").exists() else []:
+        out["variants"][d.name] = read_metrics(d / "metrics.jsonl")
+    for f in sorted((run / "eval").glob("*.json")) if (run / "eval").exists() else []:
+        out["eval"][f.stem] = read_json(f)
+    for d in sorted((run / "selections").glob("*")) if (run / "selections").exists() else []:
+        if (d / "selection.json").exists():
+            stats = read_json(d / "selection.json")["stats"]
+            out["selections"][d.name] = {k: v for k, v in stats.items() if k != "per_example"}
+    lt = run / "diagnostics" / "loss_transfer.json"
+    out["loss_transfer"] = read_json(lt) if lt.exists() else None
+    return out
+
+
+def _save(fig, path: Path) -> None:
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _plt().close(fig)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_dynamics(data: dict, path: Path) -> Path | None:
+    plt = _plt()
+    runs = {"SFT trajectory": data["trajectory"], **{LABELS.get(k, k): v for k, v in data["variants"].items()}}
+    if not any(runs.values()):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4))
+    for name, rows in runs.items():
+        # The trajectory (θb search) is drawn wide and faint: the SFT variant follows it exactly.
+        kw = dict(color="grey", lw=4, alpha=0.35) if name == "SFT trajectory" else {}
+        x, y = _series(rows, "loss")
+        if x:
+            ax1.plot(x, y, label=name, **kw)
+        x, y = _series(rows, "train_accuracy")
+        if x:
+            ax2.plot(x, y, marker="." if not kw else None, label=name, **kw)
+    bn = data["bottleneck"]
+    if bn:
+        for ax in (ax1, ax2):
+            ax.axvline(bn["step"], color="red", ls=":", lw=1)
+        ax2.annotate(f"θb (step {bn['step']})", (bn["step"], bn["accuracy"] or 0), color="red", fontsize=8,
+                     xytext=(5, 5), textcoords="offset points")
+    ax1.set(xlabel="optimizer step", ylabel="training loss (trained tokens)", title="Loss")
+    ax2.set(xlabel="optimizer step", ylabel="training accuracy", title="Training accuracy", ylim=(-0.02, 1.02))
+    ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def plot_delta_c(run_dir: Path, threshold: float, path: Path) -> tuple[Path | None, dict]:
+    from t3s.profile import load_delta
+
+    if not (run_dir / "delta" / "provenance.json").exists():
+        return None, {}
+    delta = load_delta(run_dir / "delta").flat("delta_c").astype(np.float64)
+    if not delta.size:
+        return None, {}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(delta, bins=80, color="steelblue")
+    ax.axvline(threshold, color="red", ls=":", label=f"anchor cut Δc > {threshold:g}")
+    ax.set(xlabel="Δc_t = c_t(θb) − c_t(θ0)", ylabel="tokens", title="Δc distribution", yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    stats = {"tokens": int(delta.size), "mean": float(delta.mean()), "median": float(np.median(delta)),
+             "anchor_fraction": float((delta > threshold).mean())}
+    return path, stats
+
+
+def plot_groups(data: dict, path: Path, bn_step: int | None) -> Path | None:
+    plt = _plt()
+    runs = {k: v for k, v in data["variants"].items() if any("dprob_anchor" in r for r in v)}
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], runs.items(), strict=True):
+        for key, label in (("dprob_anchor", "anchor tokens"), ("dprob_other", "other tokens")):
+            x, y = _series(rows, key)
+            ax.plot(x, y, marker=".", label=label)
+        if bn_step is not None:
+            ax.axvline(bn_step, color="red", ls=":", lw=1)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel="optimizer step", ylabel="mean Δ probability vs θ0", title=f"{LABELS.get(name, name)} run")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def plot_grad_stats(data: dict, path: Path, bn_step: int | None) -> Path | None:
+    rows = data["variants"].get("sft", [])
+    x1, ratio = _series(rows, "grad_norm_ratio")
+    x2, cos = _series(rows, "grad_cosine")
+    if not x1:
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot(x1, ratio, marker=".")
+    a1.set(xlabel="optimizer step", ylabel="‖g_anchor‖ / ‖g_other‖", title="Gradient-norm ratio (SFT run)")
+    a2.plot(x2, cos, marker=".", color="purple")
+    a2.axhline(0, color="grey", lw=0.5)
+    a2.set(xlabel="optimizer step", ylabel="cos(g_anchor, g_other)", title="Gradient cosine (SFT run)")
+    for ax in (a1, a2):
+        if bn_step is not None:
+            ax.axvline(bn_step, color="red", ls=":", lw=1)
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def results_table(data: dict, cfg: Config) -> tuple[list[dict], str]:
+    """Rows (one per evaluated model) and their markdown table."""
+    paper = PAPER_REFERENCE.get(cfg.paper_reference or "")
+    styles = sorted({k for e in data["eval"].values() for k in e.get("style_share", {})})
+    order = ["base", *cfg.variants]
+    rows = []
+    for name in order:
+        e = data["eval"].get(name)
+        if e is None:
+            continue
+        curve = _series(data["variants"].get(name, []), "train_accuracy")[1]
+        sel = data["selections"].get(name, {})
+        rows.append({"model": name, "heldout_accuracy": e["accuracy"], "correct": e["correct"], "total": e["total"],
+                     "final_train_accuracy": curve[-1] if curve else None,
+                     "min_train_accuracy": min(curve) if curve else None,
+                     "masked_fraction": sel.get("selected_fraction"), "style_share": e.get("style_share", {}),
+                     "paper": paper.get(name) if paper else None})
+    head = ["model", "held-out acc", "train acc (min → last)", "masked tokens"]
+    head += [f"{s} style" for s in styles]
+    if paper:
+        head.append("paper (their setting)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        tr = (f"{r['min_train_accuracy']:.2f} → {r['final_train_accuracy']:.2f}"
+              if r["final_train_accuracy"] is not None else "–")
+        cells = [LABELS.get(r["model"], r["model"]), f"{r['heldout_accuracy']:.3f} ({r['correct']}/{r['total']})", tr,
+                 f"{100 * r['masked_fraction']:.1f}%" if r["masked_fraction"] is not None else "–"]
+        cells += [f"{100 * r['style_share'].get(s, 0.0):.0f}%" for s in styles]
+        if paper:
+            cells.append(f"{r['paper']:.2f}" if r["paper"] is not None else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    if paper:
+        table += f"\n\nThe last column is **not from this run**: {paper['source']}."
+    return rows, table
+
+
+def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = None) -> Path:
+    """Write ``report/report.md``, ``report/results.json`` and the plots; return the markdown path."""
+    run = Path(run_dir)
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(run)
+    bn = data["bottleneck"]
+    bn_step = bn["step"] if bn else None
+    plots = {
+        "training_dynamics": plot_training_dynamics(data, out / "training_dynamics.png"),
+        "group_dprob": plot_groups(data, out / "group_dprob.png", bn_step),
+        "grad_stats": plot_grad_stats(data, out / "grad_stats.png", bn_step),
+    }
+    plots["delta_c"], delta_stats = plot_delta_c(run, cfg.select.threshold, out / "delta_c.png")
+    rows, table = results_table(data, cfg)
+
+    md = ["# T3S run report", "", f"Run directory: `{run}`", ""]
+    if description:
+        md += [description, ""]
+    md += ["## Results (held-out, greedy)", "", table, ""]
+    if bn:
+        md += ["## Imitation Bottleneck", "",
+               f"θb = step {bn['step']} of the SFT trajectory (method `{bn['method']}`, training accuracy "
+               f"{bn['accuracy'] if bn['accuracy'] is None else format(bn['accuracy'], '.3f')}"
+               + (f", confirmed at step {bn['confirmed_at']}" if bn.get("confirmed_at") is not None else "")
+               + f"; the trajectory ran {bn.get('trajectory_steps')} steps).", ""]
+    if delta_stats:
+        md += ["## Δc_t", "", f"{delta_stats['tokens']} response tokens; mean Δc {delta_stats['mean']:.3f}, median "
+               f"{delta_stats['median']:.3f}; anchors (Δc > {cfg.select.threshold:g}): "
+               f"{100 * delta_stats['anchor_fraction']:.1f}%.", ""]
+    if data["selections"]:
+        md += ["| selection | tokens selected | share |", "|---|---|---|"]
+        for rule, s in data["selections"].items():
+            md.append(f"| {rule} | {s['num_selected']}/{s['num_tokens']} | {100 * s['selected_fraction']:.1f}% |")
+        md.append("")
+    if data["loss_transfer"]:
+        m = data["loss_transfer"]["matrix_percent"]
+        cols = list(next(iter(m.values())).keys())
+        md += ["## Loss-transfer matrix (% loss change; rows: trained subset)", "",
+               "| train ↓ / eval → | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        md += [f"| {r} | " + " | ".join(f"{v:+.1f}" for v in m[r].values()) + " |" for r in m]
+        md.append("")
+    titles = {"training_dynamics": "Loss and training accuracy", "delta_c": "Δc distribution",
+              "group_dprob": "Δ-probability of anchors vs other tokens", "grad_stats": "Anchor/other gradients"}
+    md += ["## Plots", ""]
+    md += [f"### {titles[k]}\n\n![{k}]({p.name})\n" for k, p in plots.items() if p is not None]
+    samples = {k: e.get("samples", [])[:2] for k, e in data["eval"].items()}
+    if any(samples.values()):
+        md += ["## Sample completions (held-out)", ""]
+        for k, ss in samples.items():
+            for s in ss:
+                md.append(f"- **{LABELS.get(k, k)}** ({'✓' if s['correct'] else '✗'}) `{s['prompt']}` → "
+                          f"`{s['completion'][:200]}`")
+        md.append("")
+    write_json_atomic(out / "results.json", {"rows": rows, "bottleneck": bn, "delta_c": delta_stats,
+                                              "selections": data["selections"],
+                                              "loss_transfer": data["loss_transfer"],
+                                              "plots": {k: str(p) if p else None for k, p in plots.items()}})
+    return write_text_atomic(out / "report.md", "\n".join(md) + "\n")
+
+
+def format_table(run_dir: str | Path, cfg: Config) -> str:
+    """The results table as markdown (for the terminal)."""
+    return results_table(collect(Path(run_dir)), cfg)[1]

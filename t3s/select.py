@@ -1,0 +1,353 @@
+"""Token selection from a Δc store: which response tokens train, or which are dLLM targets.
+
+Rules (``Δc = c(θb) − c(θ0)``, ``c = log p``; "masked" means weight 0 in the loss):
+
+==================== =============================================================================================
+``t3s``              AR T3S: anchors ``Δc > threshold`` (paper: threshold 0) are masked; the rest train.
+``neg_t3s``          −T3S: the inverse; only the anchors train.
+``dllm_targets``     dLLM T3S: targets ``B = {Δc < −tau}`` (paper: tau 0.2); weight 1 marks a target the
+                     block-diffusion mask must always hide.
+``static_high_conf`` mask the same fraction of tokens as T3S, chosen by the highest base-model confidence c(θ0).
+``static_low_conf``  the same by the lowest base-model confidence.
+``random``           the same fraction, chosen uniformly at random (seeded).
+==================== =============================================================================================
+
+The fraction-matched rules rank tokens over the whole dataset (as the paper's "top-p" baselines do) and mask
+exactly ``round(fraction x tokens)`` of them; ``fraction`` defaults to the T3S anchor fraction with the same
+``threshold`` / ``quantile``. Ties are broken by token order, so every rule is deterministic.
+
+Optional refinements (off by default, so the paper's rule is the default): ``quantile`` puts the anchor cut at
+a quantile of Δc instead of at ``threshold``; ``always_train_eos`` never masks an end-of-sequence token (in the
+demo's toy run the Δc > 0 rule masked every end token and the student stopped learning to stop).
+
+A :class:`Selection` holds, per example, 0/1 weights over the example's scored positions (its label
+positions), the rule's statistics, and the token ids it was computed on, so :func:`apply_selection` can refuse
+examples that were tokenized differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from t3s.data import IGNORE_INDEX, TokenizedExample
+from t3s.io import read_json, write_json_atomic, write_parquet_atomic
+from t3s.profile import DELTA_FILE, Store, delta_confidence, load_delta
+
+RULES = ("t3s", "neg_t3s", "dllm_targets", "static_high_conf", "static_low_conf", "random")
+AR_RULES = tuple(r for r in RULES if r != "dllm_targets")
+
+SELECTION_FILE = "selection.parquet"
+STATS_FILE = "selection.json"
+SELECTION_FORMAT = "t3s.selection/1"
+
+
+@dataclass
+class Selection:
+    """Per-example 0/1 weights over scored (label) positions, and their statistics.
+
+    ``meaning`` is ``"loss_weight"`` for AR rules (1 = the token is in the loss) and ``"target"`` for
+    ``dllm_targets`` (1 = always masked). ``stats`` holds the overall numbers (``selected_fraction`` = share
+    of tokens the rule picked: masked for AR rules, targets for dLLM; ``weight_fraction`` = mean weight) and
+    per-example fractions.
+    """
+
+    rule: str
+    meaning: str
+    ids: list[str]
+    input_ids: list[list[int]]
+    positions: list[np.ndarray]
+    weights: list[np.ndarray]
+    params: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    _by_id: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def weight_for(self, example_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, weights) of one example."""
+        i = self._index()[example_id]
+        return self.positions[i], self.weights[i]
+
+    def _index(self) -> dict[str, int]:
+        if self._by_id is None:
+            self._by_id = {example_id: i for i, example_id in enumerate(self.ids)}
+        return self._by_id
+
+
+def _ranked_mask(values: np.ndarray, count: int, *, highest: bool) -> np.ndarray:
+    """Boolean mask of the ``count`` highest (or lowest) values; ties go to the earlier token."""
+    order = np.lexsort((np.arange(values.size), -values if highest else values))
+    mask = np.zeros(values.size, dtype=bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def select_tokens(
+    delta_store: Any,
+    *,
+    rule: str = "t3s",
+    tau: float = 0.2,
+    threshold: float = 0.0,
+    quantile: float | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    always_train_eos: bool = False,
+    eos_token_ids: Sequence[int] | None = None,
+) -> Selection:
+    """Select tokens from a Δc store.
+
+    Args:
+        delta_store: a Δc store folder (:func:`t3s.profile.delta_confidence` with ``out=``), a loaded
+            :class:`~t3s.profile.Store`, or a ``(base_store, bottleneck_store)`` pair of profile stores.
+        rule: one of :data:`RULES` (see the module docstring).
+        tau: dLLM target severity: targets are ``Δc < −tau`` (paper: 0.2, about 5 % of tokens).
+        threshold: anchors are ``Δc > threshold`` (paper: 0) for ``t3s`` / ``neg_t3s`` and for the fraction the
+            matched baselines use.
+        quantile: if given, the anchor cut is this quantile of all Δc instead of ``threshold`` (0.8 masks the
+            20 % of tokens with the largest Δc).
+        fraction: share of tokens the ``static_*`` / ``random`` rules mask (default: the T3S anchor fraction).
+        seed: seed of the ``random`` rule.
+        always_train_eos: AR rules only: end-of-sequence tokens keep weight 1 whatever the rule says.
+        eos_token_ids: which ids count as end of sequence (default: recorded in the store's provenance).
+
+    Returns:
+        :class:`Selection` with one weight array per example, aligned with the example's label positions.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if quantile is not None and not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0 (targets are Δc < −tau), got {tau}")
+    if always_train_eos and rule == "dllm_targets":
+        raise ValueError("always_train_eos applies to AR loss weights, not to dLLM targets")
+    if isinstance(delta_store, tuple | list) and len(delta_store) == 2:
+        store = delta_confidence(*delta_store)
+    elif isinstance(delta_store, Store):
+        store = delta_store
+    else:
+        store = load_delta(delta_store)
+
+    delta = store.flat("delta_c").astype(np.float64)
+    base = store.flat("logprob_base").astype(np.float64)
+    token_ids = store.flat("token_ids")
+    counts = store.lengths("positions")
+    total = int(delta.size)
+
+    cut = float(np.quantile(delta, quantile)) if quantile is not None and total else threshold
+    anchors = delta > cut
+    target_fraction = fraction if fraction is not None else (float(anchors.mean()) if total else 0.0)
+    budget = matched_fraction_count(target_fraction, total)
+
+    meaning = "loss_weight"
+    if rule == "t3s":
+        picked = anchors
+    elif rule == "neg_t3s":
+        picked = ~anchors
+    elif rule == "dllm_targets":
+        picked = delta < -tau
+        meaning = "target"
+    elif rule == "static_high_conf":
+        picked = _ranked_mask(base, budget, highest=True)
+    elif rule == "static_low_conf":
+        picked = _ranked_mask(base, budget, highest=False)
+    else:  # random
+        picked = np.zeros(total, dtype=bool)
+        picked[np.random.default_rng(seed).permutation(total)[:budget]] = True
+
+    weight = picked.astype(np.float32) if meaning == "target" else (~picked).astype(np.float32)
+    if always_train_eos:
+        eos = list(eos_token_ids) if eos_token_ids is not None else store.provenance.get("eos_token_ids", [])
+        if not eos:
+            raise ValueError("always_train_eos needs eos_token_ids (none recorded in the store's provenance)")
+        weight[np.isin(token_ids, eos)] = 1.0
+        picked = weight == 0.0
+
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    weights = [weight[offsets[i] : offsets[i + 1]] for i in range(len(counts))]
+    positions = [store.column("positions", i).astype(np.int64) for i in range(len(counts))]
+    ids = store.ids
+    per_example = [float(picked[offsets[i] : offsets[i + 1]].mean()) if counts[i] else 0.0 for i in range(len(counts))]
+    stats = {
+        "rule": rule,
+        "meaning": meaning,
+        "num_examples": len(ids),
+        "num_tokens": total,
+        "num_selected": int(picked.sum()),
+        "selected_fraction": float(picked.mean()) if total else 0.0,
+        "weight_fraction": float(weight.mean()) if total else 0.0,
+        "anchor_fraction": float(anchors.mean()) if total else 0.0,
+        "anchor_cut": cut,
+        "per_example_selected_fraction": {
+            "min": min(per_example, default=0.0),
+            "mean": float(np.mean(per_example)) if per_example else 0.0,
+            "max": max(per_example, default=0.0),
+        },
+        "per_example": dict(zip(ids, per_example, strict=True)),
+        "examples_without_weight": [ids[i] for i, w in enumerate(weights) if meaning == "loss_weight" and w.size
+                                    and not w.any()],
+    }
+    params = {
+        "rule": rule, "tau": tau, "threshold": threshold, "quantile": quantile, "fraction": fraction,
+        "matched_fraction": target_fraction, "seed": seed, "always_train_eos": always_train_eos,
+        "delta_store": str(store.path) if store.path else None,
+    }
+    input_ids = store.table.column("input_ids").to_pylist()
+    return Selection(rule=rule, meaning=meaning, ids=ids, input_ids=input_ids, positions=positions,
+                     weights=weights, params=params, stats=stats)
+
+
+def apply_selection(
+    examples: Sequence[TokenizedExample], selection: Selection, *, strict: bool = True
+) -> list[TokenizedExample]:
+    """Attach a selection to tokenized examples for the trainer.
+
+    AR selections set ``token_weight`` (aligned with ``labels``: the selection's 0/1 on scored positions, 0 on
+    ``-100`` positions); dLLM selections set ``target_mask`` (1 on targets). An example whose id is not in the
+    selection raises (``strict``) or keeps all its tokens; an example tokenized differently from the profiled
+    one always raises.
+    """
+    by_id = selection._index()
+    out = []
+    for example in examples:
+        i = by_id.get(example.id)
+        if i is None:
+            if strict:
+                raise ValueError(f"example {example.id!r} is not in the selection (rule {selection.rule!r})")
+            out.append(example)
+            continue
+        if list(example.input_ids) != list(selection.input_ids[i]):
+            raise ValueError(
+                f"example {example.id!r} is tokenized differently from the profiled one "
+                f"({len(example.input_ids)} vs {len(selection.input_ids[i])} tokens); re-profile with the "
+                "training tokenizer, chat template and truncation"
+            )
+        positions = selection.positions[i]
+        labelled = np.nonzero(np.asarray(example.labels) != IGNORE_INDEX)[0]
+        if not np.array_equal(labelled, positions):
+            raise ValueError(f"example {example.id!r}: label positions differ from the profiled positions")
+        dense = np.zeros(len(example), dtype=np.float32)
+        dense[positions] = selection.weights[i]
+        if selection.meaning == "target":
+            out.append(replace(example, target_mask=dense.astype(np.int64).tolist()))
+        else:
+            out.append(replace(example, token_weight=dense.tolist()))
+    return out
+
+
+def save_selection(selection: Selection, out_dir: str | Path) -> Path:
+    """Write ``selection.parquet`` (one row per example: ``id``, ``input_ids``, ``positions``, ``weight``,
+    ``selected_fraction``) and ``selection.json`` (format, rule, meaning, params, stats); the JSON goes last
+    and marks the folder complete."""
+    out_dir = Path(out_dir)
+    (out_dir / STATS_FILE).unlink(missing_ok=True)
+    per_example = selection.stats.get("per_example", {})
+    table = pa.table({
+        "id": pa.array(selection.ids, pa.string()),
+        "input_ids": pa.array(selection.input_ids, pa.list_(pa.int32())),
+        "positions": pa.array([p.tolist() for p in selection.positions], pa.list_(pa.int32())),
+        "weight": pa.array([w.tolist() for w in selection.weights], pa.list_(pa.float32())),
+        "selected_fraction": pa.array([per_example.get(i, 0.0) for i in selection.ids], pa.float32()),
+    })
+    write_parquet_atomic(out_dir / SELECTION_FILE, table)
+    write_json_atomic(out_dir / STATS_FILE, {
+        "format": SELECTION_FORMAT, "rule": selection.rule, "meaning": selection.meaning,
+        "params": selection.params, "stats": selection.stats,
+    })
+    return out_dir
+
+
+def load_selection(path: str | Path) -> Selection:
+    """Read a folder written by :func:`save_selection`."""
+    path = Path(path)
+    if not (path / STATS_FILE).exists():
+        raise FileNotFoundError(f"{path} is not a complete selection: {STATS_FILE} is missing")
+    meta = read_json(path / STATS_FILE)
+    table = pq.read_table(path / SELECTION_FILE)
+    return Selection(
+        rule=meta["rule"],
+        meaning=meta["meaning"],
+        ids=table.column("id").to_pylist(),
+        input_ids=table.column("input_ids").to_pylist(),
+        positions=[np.asarray(p, dtype=np.int64) for p in table.column("positions").to_pylist()],
+        weights=[np.asarray(w, dtype=np.float32) for w in table.column("weight").to_pylist()],
+        params=meta["params"],
+        stats=meta["stats"],
+    )
+
+
+def format_stats(selection: Selection) -> str:
+    """One-line human summary of a selection."""
+    s = selection.stats
+    what = "targets" if selection.meaning == "target" else "masked"
+    per = s["per_example_selected_fraction"]
+    return (
+        f"{selection.rule}: {s['num_selected']}/{s['num_tokens']} tokens {what} "
+        f"({100 * s['selected_fraction']:.2f}%; per example min {100 * per['min']:.1f}% "
+        f"mean {100 * per['mean']:.1f}% max {100 * per['max']:.1f}%) over {s['num_examples']} examples"
+    )
+
+
+def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``t3s select``'s arguments to ``parser``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--delta", help="Δc store folder (from `t3s profile --delta-from` or delta_confidence)")
+    source.add_argument("--base", help="θ0 profile store (with --bottleneck: Δc is computed here)")
+    parser.add_argument("--bottleneck", help="θb profile store (with --base)")
+    parser.add_argument(
+        "--delta-out", default=None, help="where to write Δc computed from --base/--bottleneck (default <out>/delta)"
+    )
+    parser.add_argument("--rule", choices=RULES, default="t3s", nargs="+", help="one or more rules")
+    parser.add_argument("--out", required=True, help="output folder (one subfolder per rule when several)")
+    parser.add_argument("--tau", type=float, default=0.2, help="dLLM targets: Δc < −tau (default 0.2)")
+    parser.add_argument("--threshold", type=float, default=0.0, help="anchors: Δc > threshold (default 0)")
+    parser.add_argument("--quantile", type=float, default=None, help="anchor cut at this Δc quantile instead")
+    parser.add_argument("--fraction", type=float, default=None, help="mask fraction of static/random rules")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random rule")
+    parser.add_argument("--always-train-eos", action="store_true", help="never mask end-of-sequence tokens")
+    return parser
+
+
+def select_main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
+    """``t3s select``: write one selection per ``--rule`` and print its statistics.
+
+    Accepts an argv list (parsed here) or a Namespace built with :func:`add_select_arguments`.
+    """
+    if not isinstance(args, argparse.Namespace):
+        parser = add_select_arguments(argparse.ArgumentParser(prog="t3s select", description=__doc__.split("\n")[0]))
+        args = parser.parse_args(args)
+    if args.base and not args.bottleneck:
+        raise SystemExit("t3s select: --base needs --bottleneck")
+    if args.delta:
+        store = load_delta(args.delta)
+    else:
+        delta_out = args.delta_out or str(Path(args.out) / "delta")
+        store = delta_confidence(args.base, args.bottleneck, out=delta_out)
+        print(f"delta: {store.provenance['num_tokens']} tokens -> {delta_out} ({DELTA_FILE})")
+    rules = args.rule if isinstance(args.rule, list) else [args.rule]
+    for rule in rules:
+        selection = select_tokens(
+            store, rule=rule, tau=args.tau, threshold=args.threshold, quantile=args.quantile,
+            fraction=args.fraction, seed=args.seed, always_train_eos=args.always_train_eos and rule != "dllm_targets",
+        )
+        out = Path(args.out) / rule if len(rules) > 1 else Path(args.out)
+        save_selection(selection, out)
+        print(f"{format_stats(selection)} -> {out}")
+    return 0
+
+
+def matched_fraction_count(fraction: float, total: int) -> int:
+    """Tokens a fraction-matched rule masks out of ``total`` (rounded to nearest)."""
+    return int(math.floor(fraction * total + 0.5))

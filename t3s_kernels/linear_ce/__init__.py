@@ -1,0 +1,17 @@
+"""Linear (LM head) + softmax statistics without ``[N, V]`` logits: cross-entropy, log-probs, entropy, LSE.
+
+File roles: ``reference.py`` (pure-PyTorch oracle, the CPU path), ``kernels.py`` (Triton kernels and their host
+launchers), ``function.py`` (autograd Functions, options dataclasses), ``api.py`` (public functionals:
+validation, dispatch, reductions), ``modules.py`` (``nn.Module`` drop-ins holding options).
+"""
+
+from .api import TokenLogprobs, linear_cross_entropy, token_logprobs
+from .modules import LinearCrossEntropyLoss, LinearTokenLogprobs
+
+__all__ = [
+    "LinearCrossEntropyLoss",
+    "LinearTokenLogprobs",
+    "TokenLogprobs",
+    "linear_cross_entropy",
+    "token_logprobs",
+]

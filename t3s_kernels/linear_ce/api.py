@@ -1,0 +1,414 @@
+"""Public functionals: :func:`linear_cross_entropy` and :func:`token_logprobs`.
+
+Both are thin torch-level combinations of one per-token primitive (``lse``, target logit, ``Σz``, entropy, all
+fp32) computed straight from the hidden states and the LM-head weight without materialising ``[N, V]`` logits.
+This module validates arguments, flattens ``[..., D]`` to ``[N, D]``, picks the backend (``impl``) and the
+strategy, and does the reductions in PyTorch.
+
+Numerics: fp16 / bf16 / fp32 inputs (hidden and weight of the same dtype; under ``torch.autocast`` both are cast
+to the autocast dtype first), fp32 logit accumulation, fp32 LSE,
+target logit from the same accumulator as the LSE (so the cross-entropy is never negative), fp32 weight-gradient
+accumulation. fp64 inputs run the reference in fp64.
+
+Target-range and weight-finiteness checks: on CPU they run eagerly and raise ``ValueError``. On CUDA an eager
+check would force a host sync on every call, so by default they run as ``torch._assert_async`` (device-side
+assert, no sync: a bad target aborts the CUDA context with the message below instead of raising a Python
+error); set ``T3S_CHECK_INPUTS=1`` to get the eager, synchronising ``ValueError`` on CUDA as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+
+from .._triton import IMPLS, resolve_impl
+from .function import CEOptions, StatsOptions, chunked_cross_entropy, linear_token_stats
+
+__all__ = ["TokenLogprobs", "linear_cross_entropy", "token_logprobs"]
+
+REDUCTIONS = ("mean", "sum", "none")
+STRATEGIES = ("auto", "fused", "chunked")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token outputs of :func:`token_logprobs`, fp32 with the shape of ``targets`` (0 at ignored positions)."""
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+    lse: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _eager_checks(device: torch.device) -> bool:
+    return device.type != "cuda" or os.environ.get("T3S_CHECK_INPUTS", "0") == "1"
+
+
+def _check_tensor(name: str, t, *, shape_hint: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_hint}, got {type(t).__name__}")
+
+
+def _validate(
+    hidden, weight, targets, bias, *, ignore_index, softcap, temperature, impl, fn: str
+) -> tuple[int, int]:
+    _check_tensor("hidden", hidden, shape_hint="[..., D]")
+    _check_tensor("weight", weight, shape_hint="[V, D]")
+    _check_tensor("targets", targets, shape_hint="[...] (hidden.shape[:-1])")
+    if impl not in IMPLS:
+        raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{fn}: hidden must have shape [..., D] (at least 1-D), got a 0-d tensor")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: hidden must be float16/bfloat16/float32/float64, got {hidden.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    V, D = weight.shape
+    if hidden.shape[-1] != D:
+        raise ValueError(
+            f"{fn}: hidden's last dim ({hidden.shape[-1]}) must equal weight.shape[1] (D={D}); "
+            f"got hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}"
+        )
+    if V < 1:
+        raise ValueError(f"{fn}: weight must have at least one row (V >= 1), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{fn}: weight dtype ({weight.dtype}) must equal hidden dtype ({hidden.dtype}); cast one of them "
+            "(or run under torch.autocast so both arrive in the same dtype)"
+        )
+    if weight.device != hidden.device or targets.device != hidden.device:
+        raise ValueError(
+            f"{fn}: hidden, weight and targets must be on one device, got {hidden.device}, {weight.device}, "
+            f"{targets.device}"
+        )
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"{fn}: targets must be an integer tensor (class indices), got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{fn}: targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, shape_hint="[V]")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{fn}: bias must have shape [V] = ({V},), got {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"{fn}: bias must be a float tensor, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"{fn}: bias must be on {hidden.device}, got {bias.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (temperature > 0):
+        raise ValueError(f"{fn}: temperature must be a float > 0, got {temperature!r}")
+    if temperature == float("inf"):
+        raise ValueError(f"{fn}: temperature must be finite, got {temperature!r}")
+    if softcap is not None and (
+        not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not (0 < softcap < float("inf"))
+    ):
+        raise ValueError(f"{fn}: softcap must be None or a finite float > 0, got {softcap!r}")
+    # targets in [0, V) or == ignore_index
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if _eager_checks(hidden.device):
+        if targets.numel() and bool(bad.any()):
+            first = targets[bad].flatten()[0].item()
+            raise ValueError(
+                f"{fn}: targets must be in [0, V={V}) or equal ignore_index={ignore_index}; found {first}"
+            )
+    elif targets.numel():
+        torch._assert_async(~bad.any(), f"{fn}: targets must be in [0, V={V}) or equal ignore_index={ignore_index}")
+    return V, D
+
+
+def _validate_token_weight(token_weight, targets, fn: str) -> None:
+    _check_tensor("token_weight", token_weight, shape_hint="[...] (same shape as targets)")
+    if not token_weight.is_floating_point():
+        raise TypeError(f"{fn}: token_weight must be a float tensor, got {token_weight.dtype}")
+    if tuple(token_weight.shape) != tuple(targets.shape):
+        raise ValueError(
+            f"{fn}: token_weight must have the shape of targets {tuple(targets.shape)}, got {tuple(token_weight.shape)}"
+        )
+    if token_weight.device != targets.device:
+        raise ValueError(f"{fn}: token_weight must be on {targets.device}, got {token_weight.device}")
+    if _eager_checks(token_weight.device):
+        if token_weight.numel() and not bool(torch.isfinite(token_weight).all()):
+            raise ValueError(f"{fn}: token_weight must be finite (found NaN or inf)")
+    elif token_weight.numel():
+        torch._assert_async(torch.isfinite(token_weight).all(), f"{fn}: token_weight must be finite")
+
+
+def _autocast_entry(fn):
+    """Under ``torch.autocast``: cast ``hidden`` and ``weight`` to the autocast dtype (as
+    ``torch.amp.custom_fwd(cast_inputs=...)`` would; the cast is differentiable, so fp32 master weights get fp32
+    gradients), then run with autocast off so the internal matmuls keep their fp32 accumulation. Else: unchanged."""
+
+    @functools.wraps(fn)
+    def wrapper(hidden, weight, targets, **kwargs):
+        if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor):
+            dev = hidden.device.type
+            if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+                dtype = torch.get_autocast_dtype(dev)
+                half_ok = (torch.float32, torch.float16, torch.bfloat16)
+                hidden = hidden.to(dtype) if hidden.dtype in half_ok else hidden
+                weight = weight.to(dtype) if weight.dtype in half_ok else weight
+                with torch.autocast(dev, enabled=False):
+                    return fn(hidden, weight, targets, **kwargs)
+        return fn(hidden, weight, targets, **kwargs)
+
+    return wrapper
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.compiler.disable
+@_autocast_entry
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: torch.Tensor | float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    shift: bool = False,
+    return_lse: bool = False,
+    impl: str = "auto",
+    strategy: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``softmax(cap(hidden @ weight.T + bias) / temperature)`` without ``[N, V]`` logits.
+
+    Per token ``i`` (``z`` = transformed logits, ``ε`` = ``label_smoothing``)::
+
+        loss_i = (1 − ε)(lse_i − z_{i, y_i}) + ε(lse_i − Σ_v z_{i,v} / V) + z_loss · lse_i²
+
+    Args:
+        hidden: ``[..., D]`` fp16 / bf16 / fp32 (fp64 runs the reference). Need not be contiguous.
+        weight: ``[V, D]``, same dtype as ``hidden`` (the LM-head weight).
+        targets: ``[...] = hidden.shape[:-1]`` integer class ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]`` LM-head bias.
+        token_weight: optional ``[...]`` float per-token weight (a T3S 0/1 mask is a weight). Rows with weight 0
+            count as ignored: no loss, no gradient, and the fused strategy skips their GEMM work. Treated as a
+            constant (no gradient flows to it through the chunked strategy).
+        ignore_index: target value that contributes neither loss nor gradient.
+        reduction: ``"mean"``: ``Σ wᵢ·lossᵢ / Σ wᵢ`` over non-ignored tokens (``wᵢ = 1`` without
+            ``token_weight``); 0 (not NaN) when no weight is left. ``"sum"``: ``Σ wᵢ·lossᵢ``. ``"none"``:
+            ``wᵢ·lossᵢ`` per token with the shape of ``targets`` (0 at ignored tokens); its backward is exact for
+            any per-token upstream gradient.
+        normalizer: only with ``reduction="mean"``: divide ``Σ wᵢ·lossᵢ`` by this instead of ``Σ wᵢ`` (a device
+            tensor such as the token count of a whole optimizer step keeps gradient accumulation exact, with no
+            host sync). A zero normalizer is replaced by 1 (no NaN).
+        label_smoothing: ``ε`` in ``[0, 1)``, as ``torch.nn.functional.cross_entropy``.
+        z_loss: coefficient of ``lse²`` (PaLM z-loss on the transformed logits).
+        softcap: logits become ``softcap · tanh(x / softcap)`` before the temperature (Gemma 2).
+        temperature: logits are divided by ``temperature`` (> 0).
+        shift: next-token prediction without copying ``hidden``: position ``t`` of ``hidden`` is scored against
+            ``targets[..., t + 1]`` (``targets`` are then the input ids; ``token_weight`` shifts the same way); the
+            last position has no target. ``reduction="none"`` outputs and ``lse`` then have shape ``[..., T − 1]``.
+        return_lse: also return the per-token fp32 LSE of the transformed logits (0 at ignored tokens),
+            differentiable with the fused strategy.
+        impl: ``"auto"`` (Triton on CUDA, the PyTorch reference on CPU), ``"triton"`` or ``"reference"``.
+        strategy: Triton only. ``"chunked"``: per chunk of rows, cuBLAS logits in the input dtype, gradients
+            computed in the forward (6·N·D·V FLOPs, bounded workspace; ignored rows still cost GEMM work; ``lse`` is
+            returned detached). ``"fused"``: one fused kernel, nothing ``[N, V]`` stored, recompute in the
+            backward, ignored / zero-weight rows skipped. ``"auto"``: chunked for ``"mean"`` / ``"sum"`` without
+            ``token_weight`` and without ``return_lse`` when gradients are needed; fused otherwise. Calls that need
+            no gradient always run one fused forward pass that stores nothing. The fused strategy's backward is
+            two Triton recompute kernels (deterministic, skip inactive rows) or, with ``T3S_FUSED_BACKWARD=chunked``,
+            cuBLAS chunks (see :mod:`t3s_kernels.linear_ce.kernels` for the cost model).
+
+    Returns:
+        The fp32 loss (scalar, or ``[...]`` for ``"none"``), or ``(loss, lse)`` when ``return_lse``.
+
+    Examples:
+        >>> import torch
+        >>> h = torch.randn(2, 5, 8, requires_grad=True); W = torch.randn(11, 8)
+        >>> y = torch.randint(0, 11, (2, 5))
+        >>> loss = linear_cross_entropy(h, W, y, shift=True, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    fn = "linear_cross_entropy"
+    V, D = _validate(
+        hidden, weight, targets, bias, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+        impl=impl, fn=fn,
+    )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{fn}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not isinstance(label_smoothing, (int, float)) or not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"{fn}: label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not (0.0 <= z_loss < float("inf")):
+        raise ValueError(f"{fn}: z_loss must be a finite float >= 0, got {z_loss!r}")
+    if token_weight is not None:
+        _validate_token_weight(token_weight, targets, fn)
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(f"{fn}: normalizer only applies to reduction='mean', got reduction={reduction!r}")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(f"{fn}: normalizer must be a one-element tensor, got shape {tuple(normalizer.shape)}")
+        elif not isinstance(normalizer, (int, float)) or isinstance(normalizer, bool):
+            kind = type(normalizer).__name__
+            raise TypeError(f"{fn}: normalizer must be a float or a one-element tensor, got {kind}")
+    if shift:
+        if targets.dim() < 1:
+            raise ValueError(f"{fn}: shift=True needs targets with a sequence dim [..., T], got a 0-d tensor")
+        pad = targets.new_full((*targets.shape[:-1], 1), ignore_index)
+        targets = torch.cat([targets[..., 1:], pad], dim=-1)
+        if token_weight is not None:
+            tw_pad = token_weight.new_zeros((*token_weight.shape[:-1], 1))
+            token_weight = torch.cat([token_weight[..., 1:], tw_pad], dim=-1)
+
+    out_shape = tuple(targets.shape)
+    device = hidden.device
+    backend = resolve_impl(impl, device)
+    h2 = hidden.reshape(-1, D)
+    y = targets.reshape(-1)
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w = token_weight.reshape(-1).detach().to(acc_dtype) if token_weight is not None else None
+    if w is not None:  # weight 0 ≡ ignored: the primitive then skips the row
+        y = torch.where(w != 0, y, torch.full_like(y, ignore_index))
+    active = y != ignore_index
+    eps, zl = float(label_smoothing), float(z_loss)
+    needs_grad = _needs_grad(hidden, weight, bias)
+
+    def denominator(dtype: torch.dtype) -> torch.Tensor | float:  # never 0: an empty mean is 0, not NaN
+        if normalizer is not None and not isinstance(normalizer, torch.Tensor):
+            return float(normalizer) or 1.0  # a Python number: no host-to-device copy
+        if normalizer is None:
+            den = (w * active).sum() if w is not None else active.sum()
+        else:
+            den = normalizer.detach().reshape(()).to(device)
+        den = den.to(dtype)
+        return torch.where(den == 0, torch.ones_like(den), den)
+
+    use_chunked = (
+        backend == "triton"
+        and needs_grad
+        and hidden.dtype != torch.float64
+        and h2.shape[0] > 0
+        and reduction != "none"
+        and (strategy == "chunked" or (strategy == "auto" and token_weight is None and not return_lse))
+    )
+    if strategy == "chunked" and reduction == "none" and backend == "triton" and needs_grad:
+        raise ValueError(
+            f"{fn}: strategy='chunked' needs reduction 'mean' or 'sum' (the upstream gradient must be known in the "
+            "forward); use strategy='fused' for reduction='none'"
+        )
+    if use_chunked:
+        # per-token coefficient of the reduced loss, w_i / denominator, on device
+        coef = (w if w is not None else torch.ones_like(y, dtype=torch.float32)) * active
+        if reduction == "mean":
+            coef = coef / denominator(torch.float32)
+        opts = CEOptions(
+            ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), label_smoothing=eps, z_loss=zl
+        )
+        loss, lse = chunked_cross_entropy(h2, weight, bias, y, coef, opts)
+    else:
+        sopts = StatsOptions(
+            ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), want_sumz=eps > 0
+        )
+        lse, tgt, sumz, _ = linear_token_stats(h2, weight, bias, y, sopts, backend)
+        per_tok = (1.0 - eps) * (lse - tgt)  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
+        if eps > 0:
+            per_tok = per_tok + eps * (lse - sumz / V)
+        if zl > 0:
+            per_tok = per_tok + zl * lse * lse
+        if w is not None:
+            per_tok = per_tok * w
+        if reduction == "none":
+            loss = per_tok
+        elif reduction == "sum":
+            loss = per_tok.sum()
+        else:
+            loss = per_tok.sum() / denominator(per_tok.dtype)
+
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+        if shift:
+            loss = loss[..., :-1]
+    if not return_lse:
+        return loss
+    lse = lse.reshape(out_shape)
+    if shift:
+        lse = lse[..., :-1]
+    return loss, lse
+
+
+# --------------------------------------------------------------------------------------------------------------
+# token_logprobs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.compiler.disable
+@_autocast_entry
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    impl: str = "auto",
+) -> TokenLogprobs:
+    """Per-token ``log p(targets)`` (and optionally entropy and LSE) from hidden states and the LM-head weight.
+
+    ``z = cap(hidden @ weight.T + bias) / temperature``; ``logprob = z_y − lse``; ``entropy = −Σ p log p``.
+
+    Args:
+        hidden: ``[..., D]`` fp16 / bf16 / fp32. weight: ``[V, D]`` same dtype. targets: ``[...]`` integer.
+        bias, ignore_index, softcap, temperature: as :func:`linear_cross_entropy`.
+        return_entropy / return_lse: also return the entropy / LSE of the transformed distribution.
+        impl: ``"auto" | "triton" | "reference"``.
+
+    Returns:
+        :class:`TokenLogprobs` ``(logprob, entropy, lse)`` of fp32 ``[...]`` tensors (``entropy`` / ``lse`` are
+        ``None`` unless asked for; every output is 0 at ignored positions). Differentiable w.r.t. ``hidden``,
+        ``weight`` and ``bias`` for arbitrary upstream gradients of all returned outputs at once. Under
+        ``torch.no_grad`` it is a single fused forward pass that stores nothing (the Δc_t profiler's kernel).
+
+    Examples:
+        >>> import torch
+        >>> h = torch.randn(3, 4, 8); W = torch.randn(11, 8); y = torch.randint(0, 11, (3, 4))
+        >>> out = token_logprobs(h, W, y, return_entropy=True)
+        >>> out.logprob.shape, out.entropy.shape
+        (torch.Size([3, 4]), torch.Size([3, 4]))
+    """
+    fn = "token_logprobs"
+    V, D = _validate(
+        hidden, weight, targets, bias, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+        impl=impl, fn=fn,
+    )
+    backend = resolve_impl(impl, hidden.device)
+    shape = tuple(targets.shape)
+    sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
+                         want_sumz=False, want_entropy=bool(return_entropy))
+    lse, tgt, _, ent = linear_token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend)
+    logprob = (tgt - lse).reshape(shape)
+    return TokenLogprobs(
+        logprob,
+        ent.reshape(shape) if return_entropy else None,
+        lse.reshape(shape) if return_lse else None,
+    )

@@ -1,0 +1,756 @@
+"""Triton kernels for the per-token linear-softmax statistics, and their host launchers.
+
+Kernels (``N`` rows of ``hidden [N, D]``, ``V`` rows of ``weight [V, D]``; ``z = cap(h·Wᵀ + b) / temperature``):
+
+* ``_lce_stats_fwd_kernel`` — fused forward, grid over row blocks. Per ``[BLOCK_N, BLOCK_V]`` tile the logits are
+  accumulated in fp32 by a ``tl.dot`` loop over ``D``; online max / Σexp gives the LSE, the target logit is picked
+  from the same accumulator, optional ``Σz`` and ``Σ e^{z−m}(z−m)`` (entropy, kept relative to the running max so
+  large logits do not cancel). Rows are visited in ``row_order`` (active rows first, a device-side stable
+  argsort), and blocks past the device-side active count exit after writing zeros: ignored / zero-weight rows cost
+  no GEMM work and no host sync is needed.
+* ``_lce_bwd_dh_kernel`` — recompute backward for ``dhidden``: grid over row blocks, loop over V tiles, form
+  ``dx`` (fp32) in registers and accumulate ``dx·W`` into an fp32 ``[N, D]`` buffer owned by the program.
+* ``_lce_bwd_dw_kernel`` — recompute backward for ``dweight`` / ``dbias``: grid over V tiles, loop over the active
+  row blocks, accumulate ``dxᵀ·h`` into the program's rows of an fp32 ``[V, D]`` buffer. Deterministic: no
+  atomics, a fixed reduction order.
+* ``_lce_chunk_row_kernel`` — chunked strategy: one program per row of a cuBLAS logits chunk (fp32 via
+  ``mm(out_dtype=float32)``); two passes over V (statistics, then ``dx`` in the input dtype, the target entry
+  formed in fp32 to avoid ``p_y − 1`` cancellation).
+* ``_lce_chunk_bwd_row_kernel`` — optional backward of the fused strategy through cuBLAS chunks
+  (``T3S_FUSED_BACKWARD=chunked``): per row, the statistics of the workspace logits, then ``dx`` for the four
+  upstream gradients; ``dh`` / ``dW`` are cuBLAS GEMMs. GEMM-speed but no row skipping.
+
+Cost model (why two fused backwards): the recompute kernels read-modify-write an fp32 ``[BLOCK_N, D]`` (``dh``)
+or ``[BLOCK_V, D]`` (``dW``) slab once per tile of the other axis, so at LLM shapes (D = 4096, V = 152k) they are
+bandwidth-bound (~0.6 TB of fp32 traffic each at N = 32k); they win when most rows are inactive (sparse masks,
+prompt tokens) and give deterministic, bit-reproducible gradients. The chunked backward costs 6·N·D·V at cuBLAS
+speed plus ``~6·chunk·V`` bytes of workspace traffic per chunk. Pick with a benchmark on the target GPU.
+
+Backward of the primitive (per row, upstream ``g_lse, g_tgt, g_sumz, g_ent``; ``p = softmax(z)``)::
+
+    dz_v = g_lse·p_v + g_tgt·[v = y] + g_sumz − g_ent·p_v·(z_v − Σ_u p_u z_u)
+    dx_v = dz_v / temperature · (1 − tanh²(x_v / softcap))   (the last factor only with softcap)
+
+Autotuning: each kernel ships one known-good config; ``T3S_AUTOTUNE=1`` turns on a small search.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._triton import interpreting, triton, tl
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "active_rows",
+    "fused_backward_mode",
+    "lce_chunked",
+    "lce_stats_bwd",
+    "lce_stats_fwd",
+]
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # chunked strategy: one [chunk, V] logits workspace at most this large
+_AUTOTUNE = os.environ.get("T3S_AUTOTUNE", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits ±1 for large |x| (e^{2x} -> inf or 0), no NaN.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _lce_logits_tile(
+    h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """fp32 ``h[o_n] · W[o_v]ᵀ``: ``[BLOCK_N, BLOCK_V]``; masked rows / columns are 0."""
+    b_acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        p_h = h + o_n[:, None] * stride_hn + o_d[None, :] * stride_hd
+        p_w = w + o_v[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd  # int64: V·D may pass 2^31
+        b_h = tl.load(p_h, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        b_w = tl.load(p_w, mask=m_v[:, None] & m_d[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
+        if UPCAST:  # interpreter: tl.dot on half operands is unreliable there
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_acc = tl.dot(b_h, tl.trans(b_w), b_acc, input_precision=DOT_PRECISION)
+    return b_acc
+
+
+@triton.jit
+def _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """Raw logits -> (transformed logits z, tanh(x / softcap) or a dummy)."""
+    if HAS_SOFTCAP:
+        b_t = _tanh(b_x / softcap)
+        b_z = softcap * b_t * inv_temp
+    else:
+        b_t = b_x
+        b_z = b_x * inv_temp
+    return b_z, b_t
+
+
+@triton.jit
+def _lce_dlogits(
+    b_x, b_y, o_v, m_v, m_n, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, softcap, inv_temp,
+    HAS_SOFTCAP: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
+):
+    """dL/dx for a ``[BLOCK_N, BLOCK_V]`` tile of raw logits ``b_x`` (fp32); 0 on masked rows / columns."""
+    b_z, b_t = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
+    m_nv = m_n[:, None] & m_v[None, :]
+    b_p = tl.exp(tl.where(m_nv, b_z - b_lse[:, None], float("-inf")))  # [BLOCK_N, BLOCK_V], 0 where masked
+    b_dz = b_gl[:, None] * b_p + tl.where(o_v[None, :] == b_y[:, None], b_gt[:, None], 0.0)
+    if HAS_G_SUMZ:
+        b_dz += b_gs[:, None]
+    if HAS_G_ENT:
+        b_dz -= b_ge[:, None] * b_p * (b_z - b_pz[:, None])
+    b_dx = b_dz * inv_temp
+    if HAS_SOFTCAP:
+        b_dx = b_dx * (1.0 - b_t * b_t)
+    return tl.where(m_nv, b_dx, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lce_stats_fwd_kernel(
+    h, w, b, y, row_order, n_active, lse, tgt, sumz, ent,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, ignore_index, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_SUMZ: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    o_r = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # positions in row_order
+    m_r = o_r < N
+    o_n = tl.load(row_order + o_r, mask=m_r, other=0).to(tl.int64)  # row ids
+    n_act = tl.load(n_active).to(tl.int64)
+    m_n = m_r & (o_r < n_act)  # active rows of this block
+    b_zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if i_n * BLOCK_N >= n_act:  # no active row: write zeros, skip all GEMM work
+        tl.store(lse + o_n, b_zero, mask=m_r)
+        tl.store(tgt + o_n, b_zero, mask=m_r)
+        if RETURN_SUMZ:
+            tl.store(sumz + o_n, b_zero, mask=m_r)
+        if RETURN_ENTROPY:
+            tl.store(ent + o_n, b_zero, mask=m_r)
+        return
+    b_y = tl.load(y + o_n, mask=m_n, other=ignore_index).to(tl.int64)  # [BLOCK_N]
+    b_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # running max
+    b_s = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z - m}
+    b_a = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z - m} (z - m)
+    b_t = tl.zeros([BLOCK_N], dtype=tl.float32)  # target logit
+    b_sz = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ z
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = _lce_logits_tile(
+            h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # [BLOCK_N, BLOCK_V]
+        if HAS_BIAS:
+            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_z, _ = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
+        b_zm = tl.where(m_v[None, :], b_z, float("-inf"))
+        b_t += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
+        if RETURN_SUMZ:
+            b_sz += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
+        b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=1))
+        b_alpha = tl.exp(b_m - b_m_new)
+        b_e = tl.exp(b_zm - b_m_new[:, None])  # 0 on masked columns
+        if RETURN_ENTROPY:
+            b_shift = tl.where(b_s > 0, b_m - b_m_new, 0.0)  # avoid (-inf) * 0 on the first tile
+            b_a = b_alpha * (b_a + b_shift * b_s) + tl.sum(
+                b_e * tl.where(m_v[None, :], b_z - b_m_new[:, None], 0.0), axis=1
+            )
+        b_s = b_s * b_alpha + tl.sum(b_e, axis=1)
+        b_m = b_m_new
+    b_lse = b_m + tl.log(b_s)
+    b_lse = tl.maximum(b_lse, b_t)  # rounding can never make the cross-entropy negative
+    tl.store(lse + o_n, tl.where(m_n, b_lse, 0.0), mask=m_r)
+    tl.store(tgt + o_n, tl.where(m_n, b_t, 0.0), mask=m_r)
+    if RETURN_SUMZ:
+        tl.store(sumz + o_n, tl.where(m_n, b_sz, 0.0), mask=m_r)
+    if RETURN_ENTROPY:
+        # H = lse - Σ p z = (m + log s) - (m + a / s) = log s - a / s
+        b_h = tl.log(b_s) - b_a / b_s
+        tl.store(ent + o_n, tl.where(m_n, tl.maximum(b_h, 0.0), 0.0), mask=m_r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused backward (recompute)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lce_load_row_coefs(
+    o_n, m_n, lse, ent, g_lse, g_tgt, g_sumz, g_ent,
+    HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
+):
+    b_lse = tl.load(lse + o_n, mask=m_n, other=0.0)
+    b_gl = tl.load(g_lse + o_n, mask=m_n, other=0.0) if HAS_G_LSE else tl.zeros_like(b_lse)
+    b_gt = tl.load(g_tgt + o_n, mask=m_n, other=0.0) if HAS_G_TGT else tl.zeros_like(b_lse)
+    b_gs = tl.load(g_sumz + o_n, mask=m_n, other=0.0) if HAS_G_SUMZ else tl.zeros_like(b_lse)
+    if HAS_G_ENT:
+        b_ge = tl.load(g_ent + o_n, mask=m_n, other=0.0)
+        b_pz = b_lse - tl.load(ent + o_n, mask=m_n, other=0.0)  # Σ p z
+    else:
+        b_ge = tl.zeros_like(b_lse)
+        b_pz = tl.zeros_like(b_lse)
+    return b_lse, b_gl, b_gt, b_gs, b_ge, b_pz
+
+
+@triton.jit
+def _lce_bwd_dh_kernel(
+    h, w, b, y, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, dh,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, ignore_index, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr,
+    HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    n_act = tl.load(n_active).to(tl.int64)
+    if i_n * BLOCK_N >= n_act:  # dh is zero-initialised: nothing to do for inactive blocks
+        return
+    o_r = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = (o_r < N) & (o_r < n_act)
+    o_n = tl.load(row_order + o_r, mask=m_n, other=0).to(tl.int64)
+    b_y = tl.load(y + o_n, mask=m_n, other=ignore_index).to(tl.int64)
+    b_lse, b_gl, b_gt, b_gs, b_ge, b_pz = _lce_load_row_coefs(
+        o_n, m_n, lse, ent, g_lse, g_tgt, g_sumz, g_ent, HAS_G_LSE, HAS_G_TGT, HAS_G_SUMZ, HAS_G_ENT
+    )
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = _lce_logits_tile(
+            h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        if HAS_BIAS:
+            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        b_dx = _lce_dlogits(
+            b_x, b_y, o_v, m_v, m_n, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, softcap, inv_temp,
+            HAS_SOFTCAP, HAS_G_SUMZ, HAS_G_ENT,
+        )  # [BLOCK_N, BLOCK_V] fp32
+        if not UPCAST:
+            b_dx = b_dx.to(w.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            p_w = w + o_v[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd
+            b_w = tl.load(p_w, mask=m_v[:, None] & m_d[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
+            if UPCAST:
+                b_w = b_w.to(tl.float32)
+            p_dh = dh + o_n[:, None] * stride_dhn + o_d[None, :]
+            m_dh = m_n[:, None] & m_d[None, :]
+            b_dh = tl.load(p_dh, mask=m_dh, other=0.0)  # fp32 [BLOCK_N, BLOCK_D]
+            b_dh = tl.dot(b_dx, b_w, b_dh, input_precision=DOT_PRECISION)
+            tl.store(p_dh, b_dh, mask=m_dh)
+
+
+@triton.jit
+def _lce_bwd_dw_kernel(
+    h, w, b, y, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, dw, db,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_dwv, ignore_index, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr,
+    HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    n_act = tl.load(n_active).to(tl.int64)
+    if HAS_BIAS:
+        b_bias = tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for r0 in range(0, n_act, BLOCK_N):  # active row blocks only (device-side count, no host sync)
+        o_r = r0 + tl.arange(0, BLOCK_N)
+        m_n = (o_r < N) & (o_r < n_act)
+        o_n = tl.load(row_order + o_r, mask=m_n, other=0).to(tl.int64)
+        b_y = tl.load(y + o_n, mask=m_n, other=ignore_index).to(tl.int64)
+        b_lse, b_gl, b_gt, b_gs, b_ge, b_pz = _lce_load_row_coefs(
+            o_n, m_n, lse, ent, g_lse, g_tgt, g_sumz, g_ent, HAS_G_LSE, HAS_G_TGT, HAS_G_SUMZ, HAS_G_ENT
+        )
+        b_x = _lce_logits_tile(
+            h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        if HAS_BIAS:
+            b_x += b_bias[None, :]
+        b_dx = _lce_dlogits(
+            b_x, b_y, o_v, m_v, m_n, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, softcap, inv_temp,
+            HAS_SOFTCAP, HAS_G_SUMZ, HAS_G_ENT,
+        )  # [BLOCK_N, BLOCK_V] fp32
+        if NEED_DB:
+            b_db += tl.sum(b_dx, axis=0)
+        if NEED_DW:
+            b_dxt = tl.trans(b_dx)  # [BLOCK_V, BLOCK_N]
+            if not UPCAST:
+                b_dxt = b_dxt.to(h.dtype.element_ty)
+            for d0 in range(0, D, BLOCK_D):
+                o_d = d0 + tl.arange(0, BLOCK_D)
+                m_d = o_d < D
+                p_h = h + o_n[:, None] * stride_hn + o_d[None, :] * stride_hd
+                b_h = tl.load(p_h, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+                if UPCAST:
+                    b_h = b_h.to(tl.float32)
+                p_dw = dw + o_v[:, None] * stride_dwv + o_d[None, :]
+                m_dw = m_v[:, None] & m_d[None, :]
+                b_dw = tl.load(p_dw, mask=m_dw, other=0.0)  # fp32 [BLOCK_V, BLOCK_D]
+                b_dw = tl.dot(b_dxt, b_h, b_dw, input_precision=DOT_PRECISION)
+                tl.store(p_dw, b_dw, mask=m_dw)
+    if NEED_DB:
+        tl.store(db + o_v, b_db, mask=m_v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunked strategy: row kernel over a cuBLAS logits chunk, dx written in place
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lce_chunk_row_kernel(
+    x, dx, b, y, coef, lse, loss, stride_xn, stride_dxn, V, ignore_index, softcap, inv_temp, eps, z_loss,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    p_x = x + i_n * stride_xn
+    b_y = tl.load(y + i_n).to(tl.int64)
+    b_active = b_y != ignore_index
+    b_c = tl.where(b_active, tl.load(coef + i_n), 0.0)
+    # pass 1: statistics
+    b_m = float("-inf")
+    b_s = 0.0
+    b_t = 0.0
+    b_sz = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_z, _ = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
+        b_zm = tl.where(m_v, b_z, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=0))
+        b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_zm - b_m_new), axis=0)
+        b_t += tl.sum(tl.where(o_v == b_y, b_z, 0.0), axis=0)
+        if HAS_SMOOTHING:
+            b_sz += tl.sum(tl.where(m_v, b_z, 0.0), axis=0)
+        b_m = b_m_new
+    b_lse = tl.maximum(b_m + tl.log(b_s), b_t)
+    b_loss = (1.0 - eps) * (b_lse - b_t) + z_loss * b_lse * b_lse
+    if HAS_SMOOTHING:
+        b_loss += eps * (b_lse - b_sz / V)
+    tl.store(lse + i_n, tl.where(b_active, b_lse, 0.0))
+    tl.store(loss + i_n, tl.where(b_active, b_loss, 0.0))
+    # pass 2: dx in place. dz_v = g_lse p_v + g_tgt [v = y] + g_sumz
+    b_gl = b_c * (1.0 + 2.0 * z_loss * b_lse)
+    b_gt = -b_c * (1.0 - eps)
+    b_gs = -b_c * eps / V
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_z, b_th = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
+        b_p = tl.exp(tl.where(m_v, b_z - b_lse, float("-inf")))
+        b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0) + b_gs  # target entry formed in fp32
+        b_dx = b_dz * inv_temp
+        if HAS_SOFTCAP:
+            b_dx = b_dx * (1.0 - b_th * b_th)
+        b_dx = tl.where(b_active, b_dx, 0.0)  # exact zeros for ignored rows, whatever their logits
+        tl.store(dx + i_n * stride_dxn + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)  # may alias x (in place)
+
+
+@triton.jit
+def _lce_chunk_bwd_row_kernel(
+    x, dx, b, y, g_lse, g_tgt, g_sumz, g_ent, stride_xn, stride_dxn, V, ignore_index, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr,
+    HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Chunked recompute backward of the primitive for one row: statistics of the workspace logits, then dx."""
+    i_n = tl.program_id(0).to(tl.int64)
+    p_x = x + i_n * stride_xn
+    p_dx = dx + i_n * stride_dxn
+    b_y = tl.load(y + i_n).to(tl.int64)
+    if b_y == ignore_index:  # inactive row: zero gradient, no exp of unnormalised logits
+        for v0 in range(0, V, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            tl.store(p_dx + o_v, tl.zeros([BLOCK_V], dtype=tl.float32).to(dx.dtype.element_ty), mask=o_v < V)
+        return
+    # pass 1: lse and Σ p z of the logits as they sit in the workspace (self-consistent softmax)
+    b_m = float("-inf")
+    b_s = 0.0
+    b_a = 0.0  # Σ e^{z - m} (z - m)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_z, _ = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
+        b_zm = tl.where(m_v, b_z, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=0))
+        b_alpha = tl.exp(b_m - b_m_new)
+        b_e = tl.exp(b_zm - b_m_new)
+        if HAS_G_ENT:
+            b_shift = tl.where(b_s > 0, b_m - b_m_new, 0.0)
+            b_a = b_alpha * (b_a + b_shift * b_s) + tl.sum(b_e * tl.where(m_v, b_z - b_m_new, 0.0), axis=0)
+        b_s = b_s * b_alpha + tl.sum(b_e, axis=0)
+        b_m = b_m_new
+    b_lse = b_m + tl.log(b_s)
+    b_pz = b_m + b_a / b_s  # Σ p z
+    b_gl = tl.load(g_lse + i_n) if HAS_G_LSE else 0.0
+    b_gt = tl.load(g_tgt + i_n) if HAS_G_TGT else 0.0
+    b_gs = tl.load(g_sumz + i_n) if HAS_G_SUMZ else 0.0
+    b_ge = tl.load(g_ent + i_n) if HAS_G_ENT else 0.0
+    # pass 2: dz_v = g_lse p_v + g_tgt [v = y] + g_sumz - g_ent p_v (z_v - Σ p z)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_z, b_th = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
+        b_p = tl.exp(tl.where(m_v, b_z - b_lse, float("-inf")))
+        b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0) + b_gs
+        if HAS_G_ENT:
+            b_dz -= b_ge * b_p * (b_z - b_pz)
+        b_dx = b_dz * inv_temp
+        if HAS_SOFTCAP:
+            b_dx = b_dx * (1.0 - b_th * b_th)
+        tl.store(p_dx + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs (one known-good per kernel; T3S_AUTOTUNE=1 searches a few)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Shipped configs, (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel and operand width: each was
+# compiled for sm_90 (triton 3.9) and is free of register spills (ptxas STACK 0); speed is unmeasured here.
+_CONFIGS = {
+    ("fwd", 2): (128, 64, 64, 8, 3),
+    ("dh", 2): (64, 128, 64, 8, 3),
+    ("dw", 2): (64, 64, 64, 8, 3),
+    ("fwd", 4): (64, 64, 32, 8, 2),
+    ("dh", 4): (32, 64, 32, 8, 2),
+    ("dw", 4): (32, 64, 32, 8, 2),
+}
+
+
+def _tile_config(kind: str, dtype: torch.dtype) -> dict:
+    if interpreting():  # big tiles = few Python-level iterations; still small enough to exercise every mask
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32)
+    bn, bv, bd, nw, ns = _CONFIGS[(kind, 4 if dtype == torch.float32 else 2)]
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=nw, num_stages=ns)
+
+
+def _autotune_configs():
+    return [
+        triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd), num_warps=nw, num_stages=ns)
+        for bn, bv, bd, nw, ns in [
+            (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 2),
+            (32, 64, 32, 8, 2),
+        ]
+    ]
+
+
+_KEY = ["V", "D"]
+if _AUTOTUNE and not interpreting():  # pragma: no cover - GPU-only path
+    _fwd_tuned = triton.autotune(_autotune_configs(), key=_KEY)(_lce_stats_fwd_kernel)
+    _dh_tuned = triton.autotune(_autotune_configs(), key=_KEY, reset_to_zero=["dh"])(_lce_bwd_dh_kernel)
+    _dw_tuned = triton.autotune(_autotune_configs(), key=_KEY, reset_to_zero=["dw", "db"])(_lce_bwd_dw_kernel)
+else:
+    _fwd_tuned = _dh_tuned = _dw_tuned = None
+
+
+def _launch(kind: str, kernel, tuned, grid_fn, args: dict, dtype: torch.dtype):
+    """Launch with the shipped config, or through the autotuner when ``T3S_AUTOTUNE=1``."""
+    if tuned is not None:
+        tuned[lambda meta: (grid_fn(meta),)](**args)
+    else:
+        cfg = _tile_config(kind, dtype)
+        kernel[(grid_fn(cfg),)](**args, **cfg)
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 inputs: exact ``"ieee"`` dots unless the user opted into TF32 (``torch.set_float32_matmul_precision``).
+    Half inputs: Triton's default (the flag only affects fp32 operands). Interpreter: ``"ieee"`` (operands are
+    upcast to fp32 there)."""
+    if interpreting():
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+FUSED_BACKWARDS = ("kernel", "chunked")
+
+
+def fused_backward_mode() -> str:
+    """Backward of the fused strategy, from ``T3S_FUSED_BACKWARD`` (read at call time):
+
+    * ``"kernel"`` (default): the two Triton recompute kernels; deterministic, skip ignored / zero-weight rows.
+    * ``"chunked"``: cuBLAS logits chunks + a Triton row kernel for ``dx`` + cuBLAS ``dh`` / ``dW`` (GEMM-speed,
+      bounded workspace, no row skipping).
+    """
+    mode = os.environ.get("T3S_FUSED_BACKWARD", "kernel")
+    if mode not in FUSED_BACKWARDS:
+        raise ValueError(f"T3S_FUSED_BACKWARD must be one of {FUSED_BACKWARDS}, got {mode!r}")
+    return mode
+
+
+def active_rows(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_order, n_active)``: active rows first (stable), and their count as a device int32 [1]; no sync."""
+    inactive = (targets == ignore_index).to(torch.int8)
+    row_order = torch.argsort(inactive, stable=True)
+    n_active = (targets.numel() - inactive.sum(dtype=torch.int32)).reshape(1).to(torch.int32)
+    return row_order.contiguous(), n_active
+
+
+def _common(hidden, weight, bias, targets, opts):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    return dict(
+        h=hidden, w=weight, b=bias if bias is not None else hidden, y=targets.contiguous(),
+        N=N, V=V, D=D, stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
+        stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+        ignore_index=opts.ignore_index, softcap=float(opts.softcap or 1.0), inv_temp=1.0 / float(opts.temperature),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+    )
+
+
+def lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts):
+    """Fused forward: ``(lse, tgt, sumz | None, entropy | None)`` fp32 ``[N]``; stores nothing else."""
+    N = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lse, tgt = torch.empty(N, **f32), torch.empty(N, **f32)
+    sumz = torch.empty(N, **f32) if opts.want_sumz else None
+    ent = torch.empty(N, **f32) if opts.want_entropy else None
+    if N == 0:
+        return lse, tgt, sumz, ent
+    args = _common(hidden, weight, bias, targets, opts)
+    args.update(
+        row_order=row_order, n_active=n_active, lse=lse, tgt=tgt,
+        sumz=sumz if sumz is not None else lse, ent=ent if ent is not None else lse,
+        RETURN_SUMZ=opts.want_sumz, RETURN_ENTROPY=opts.want_entropy,
+    )
+    _launch("fwd", _lce_stats_fwd_kernel, _fwd_tuned, lambda m: triton.cdiv(N, m["BLOCK_N"]), args, hidden.dtype)
+    return lse, tgt, sumz, ent
+
+
+def lce_stats_bwd(
+    hidden, weight, bias, targets, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
+    *, need_dh: bool, need_dw: bool, need_db: bool,
+):
+    """Recompute backward of the primitive for arbitrary per-token upstream gradients (any may be ``None``)."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+
+    def prep(g):
+        return None if g is None else g.detach().float().contiguous()
+
+    g_lse, g_tgt, g_sumz, g_ent = prep(g_lse), prep(g_tgt), prep(g_sumz), prep(g_ent)
+    if fused_backward_mode() == "chunked":
+        return _lce_stats_bwd_chunked(
+            hidden, weight, bias, targets, (g_lse, g_tgt, g_sumz, g_ent), opts,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+        )
+    args = _common(hidden, weight, bias, targets, opts)
+    args.update(
+        row_order=row_order, n_active=n_active, lse=lse, ent=ent if ent is not None else lse,
+        g_lse=g_lse if g_lse is not None else lse, g_tgt=g_tgt if g_tgt is not None else lse,
+        g_sumz=g_sumz if g_sumz is not None else lse, g_ent=g_ent if g_ent is not None else lse,
+        HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None, HAS_G_SUMZ=g_sumz is not None,
+        HAS_G_ENT=g_ent is not None,
+    )
+    dh = dw = db = None
+    if need_dh:
+        dh_acc = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
+        _launch(
+            "dh", _lce_bwd_dh_kernel, _dh_tuned, lambda m: triton.cdiv(N, m["BLOCK_N"]),
+            dict(args, dh=dh_acc, stride_dhn=dh_acc.stride(0)), hidden.dtype,
+        )
+        dh = dh_acc.to(hidden.dtype)
+    if need_dw or need_db:
+        dw_acc = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
+        db_acc = torch.empty(V, dtype=torch.float32, device=hidden.device) if need_db else None
+        _launch(
+            "dw", _lce_bwd_dw_kernel, _dw_tuned, lambda m: triton.cdiv(V, m["BLOCK_V"]),
+            dict(
+                args, dw=dw_acc if need_dw else lse, db=db_acc if need_db else lse,
+                stride_dwv=dw_acc.stride(0) if need_dw else 0, NEED_DW=need_dw, NEED_DB=need_db,
+            ),
+            hidden.dtype,
+        )
+        dw = dw_acc.to(weight.dtype) if need_dw else None
+        db = db_acc.to(bias.dtype) if need_db else None
+    return dh, dw, db
+
+
+def _chunk_rows(N: int, V: int, bytes_per_logit: int, chunk_bytes: int | None) -> int:
+    if chunk_bytes is None:
+        chunk_bytes = int(os.environ.get("T3S_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    return max(1, min(N, chunk_bytes // max(1, V * bytes_per_logit)))
+
+
+_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+
+
+def _fp32_logits_supported(hidden: torch.Tensor) -> bool:
+    """fp32 logits from half operands without an upcast copy: cuBLAS ``mm(out_dtype=float32)`` (torch >= 2.8)."""
+    if hidden.dtype == torch.float32 or hidden.device.type == "cpu":
+        return True  # CPU: operands are upcast (tests / interpreter only)
+    key = str(hidden.device)
+    if key not in _MM_OUT_DTYPE_OK:
+        try:  # probe the exact calls used below
+            a = torch.zeros(16, 16, dtype=hidden.dtype, device=hidden.device)
+            o = torch.zeros(16, 16, dtype=torch.float32, device=hidden.device)
+            torch.mm(a, a.t(), out_dtype=torch.float32, out=o)
+            torch.addmm(o, a.t(), a, out_dtype=torch.float32, out=o)
+            _MM_OUT_DTYPE_OK[key] = True
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE_OK[key] = False
+    return _MM_OUT_DTYPE_OK[key]
+
+
+def _logits_into(out: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor) -> None:
+    """``out = h_c @ weight.T`` with fp32 accumulation; ``out`` is fp32 or the input dtype."""
+    if out.dtype == h_c.dtype:
+        torch.matmul(h_c, weight.t(), out=out)
+    elif out.is_cuda:
+        torch.mm(h_c, weight.t(), out_dtype=torch.float32, out=out)
+    else:
+        torch.matmul(h_c.float(), weight.float().t(), out=out)
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc (fp32) += a @ b`` with fp32 accumulation, whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _fp32_logits_supported(a):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif acc.is_cuda:  # torch < 2.8: one [V, D] temporary in the input dtype per chunk
+        acc += (a @ b).float()
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class _ChunkWorkspace:
+    """One ``[rows, V]`` logits buffer (fp32 when it can be filled without an upcast copy) and, when that differs
+    from the input dtype, a ``[rows, V]`` input-dtype buffer for ``dx`` (the operand of the gradient GEMMs)."""
+
+    def __init__(self, hidden, V, chunk_bytes):
+        N = hidden.shape[0]
+        self.logits_dtype = torch.float32 if _fp32_logits_supported(hidden) else hidden.dtype
+        per = torch.finfo(self.logits_dtype).bits // 8
+        if self.logits_dtype != hidden.dtype:
+            per += hidden.element_size()
+        self.rows = _chunk_rows(N, V, per, chunk_bytes)
+        self.x = torch.empty(self.rows, V, dtype=self.logits_dtype, device=hidden.device)
+        self.dx = self.x if self.logits_dtype == hidden.dtype else torch.empty(
+            self.rows, V, dtype=hidden.dtype, device=hidden.device
+        )
+
+    def row_block(self, V):
+        if interpreting():
+            return dict(BLOCK_V=min(128, triton.next_power_of_2(V)))
+        return dict(BLOCK_V=min(8192, triton.next_power_of_2(V)), num_warps=16 if V >= 8192 else 8)
+
+
+def _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e):
+    if dh is not None:
+        torch.matmul(dx, weight, out=dh[s:e])
+    if dw_acc is not None:
+        _addmm_fp32(dw_acc, dx.t(), h_c)
+    if db_acc is not None:
+        db_acc += dx.sum(0, dtype=torch.float32)
+
+
+def lce_chunked(hidden, weight, bias, targets, coef, opts, *, need_dh: bool, need_dw: bool, need_db: bool):
+    """Chunked strategy: ``(loss_tok, lse, dh, dw, db)`` with gradients of ``Σ coefᵢ·lossᵢ`` made in the forward.
+
+    Per chunk of rows: fp32 logits by cuBLAS (``mm(out_dtype=float32)``; input-dtype logits on torch < 2.8), a
+    Triton row kernel computes the statistics and writes ``dx`` (in place when the dtypes agree), then
+    ``dh = dx·W`` and ``dW (fp32) += dxᵀ·h``, ``db += Σ dx``. Every row pays for its GEMMs (skipping ignored rows
+    would need a host sync for the compacted shape).
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss_tok, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    dh = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_dh else None
+    dw_acc = torch.zeros(V, D, **f32) if need_dw else None
+    db_acc = torch.zeros(V, **f32) if need_db else None
+    if N > 0:
+        ws = _ChunkWorkspace(hidden, V, opts.chunk_bytes)
+        targets, coef = targets.contiguous(), coef.contiguous()
+        for s in range(0, N, ws.rows):
+            e = min(N, s + ws.rows)
+            h_c, x, dx = hidden[s:e], ws.x[: e - s], ws.dx[: e - s]
+            _logits_into(x, h_c, weight)
+            _lce_chunk_row_kernel[(e - s,)](
+                x=x, dx=dx, b=bias if bias is not None else x, y=targets[s:e], coef=coef[s:e], lse=lse[s:e],
+                loss=loss_tok[s:e], stride_xn=x.stride(0), stride_dxn=dx.stride(0), V=V,
+                ignore_index=opts.ignore_index, softcap=float(opts.softcap or 1.0),
+                inv_temp=1.0 / float(opts.temperature), eps=float(opts.label_smoothing), z_loss=float(opts.z_loss),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
+                HAS_SMOOTHING=opts.label_smoothing > 0, **ws.row_block(V),
+            )
+            _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e)
+    dw = dw_acc.to(weight.dtype) if need_dw else None
+    db = db_acc.to(bias.dtype) if need_db else None
+    return loss_tok, lse, dh, dw, db
+
+
+def _lce_stats_bwd_chunked(hidden, weight, bias, targets, g, opts, *, need_dh, need_dw, need_db):
+    """Recompute backward of the primitive through cuBLAS chunks (6·N·D·V, bounded workspace, no row skipping)."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    dh = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_dh else None
+    dw_acc = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_dw else None
+    db_acc = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    g_lse, g_tgt, g_sumz, g_ent = g
+    ws = _ChunkWorkspace(hidden, V, None)
+    targets = targets.contiguous()
+    dummy = ws.x
+    for s in range(0, N, ws.rows):
+        e = min(N, s + ws.rows)
+        h_c, x, dx = hidden[s:e], ws.x[: e - s], ws.dx[: e - s]
+        _logits_into(x, h_c, weight)
+        _lce_chunk_bwd_row_kernel[(e - s,)](
+            x=x, dx=dx, b=bias if bias is not None else dummy, y=targets[s:e],
+            g_lse=g_lse[s:e] if g_lse is not None else dummy, g_tgt=g_tgt[s:e] if g_tgt is not None else dummy,
+            g_sumz=g_sumz[s:e] if g_sumz is not None else dummy, g_ent=g_ent[s:e] if g_ent is not None else dummy,
+            stride_xn=x.stride(0), stride_dxn=dx.stride(0), V=V, ignore_index=opts.ignore_index,
+            softcap=float(opts.softcap or 1.0), inv_temp=1.0 / float(opts.temperature),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_G_LSE=g_lse is not None,
+            HAS_G_TGT=g_tgt is not None, HAS_G_SUMZ=g_sumz is not None, HAS_G_ENT=g_ent is not None,
+            **ws.row_block(V),
+        )
+        _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e)
+    return dh, (dw_acc.to(weight.dtype) if need_dw else None), (db_acc.to(bias.dtype) if need_db else None)

@@ -1,0 +1,319 @@
+"""linear_cross_entropy: Triton kernels (fused and chunked strategies) against the float64 naive oracle, with the
+tolerance of ``assert_close_to_oracle`` (baseline: the same loss in plain PyTorch at the input dtype); dispatch,
+edge cases and argument validation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _lce_oracle import grads_of, naive_ce
+
+from t3s_kernels.linear_ce import linear_cross_entropy
+from t3s_kernels.linear_ce import function as lce_function
+from t3s_kernels.linear_ce import kernels as lce_kernels
+from t3s_kernels.testing import assert_close_to_oracle
+
+F64 = torch.float64
+
+
+def _inputs(shape, V, D, dtype, *, ignore_frac=0.2, bias=False, weights=False, seed=0, h_scale=1.0, b_shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(*shape, D, generator=g, dtype=F64) * h_scale).to(dtype)
+    W = (torch.randn(V, D, generator=g, dtype=F64) * (2.0 / D**0.5)).to(dtype)
+    b = (torch.randn(V, generator=g, dtype=F64) + b_shift).to(dtype) if bias else None
+    y = torch.randint(0, V, shape, generator=g)
+    y[torch.rand(shape, generator=g) < ignore_frac] = -100
+    w = None
+    if weights:
+        w = torch.rand(shape, generator=g)
+        w[torch.rand(shape, generator=g) < 0.3] = 0.0
+    return h, W, b, y, w
+
+
+def _check_against_oracle(h, W, b, y, dtype, *, upstream=None, **kw):
+    """Triton output and gradients vs float64 oracle, budget from the same-dtype PyTorch baseline."""
+    def ours(h_, W_, b_):
+        return linear_cross_entropy(h_, W_, y, bias=b_, impl="triton", **kw)
+
+    kw_naive = {k: v for k, v in kw.items() if k != "strategy"}
+
+    def naive(h_, W_, b_, **dt):
+        return naive_ce(h_, W_, y, bias=b_, **kw_naive, **dt)
+
+    out, grads = grads_of(ours, (h, W, b), upstream=upstream)
+    out_o, grads_o = grads_of(naive, (h, W, b), upstream=upstream)
+    out_b, grads_b = grads_of(
+        lambda *a: naive(*a, matmul_dtype=dtype, math_dtype=torch.float32), (h, W, b), upstream=upstream
+    )
+    assert out[0].dtype == torch.float32
+    for name, a, o, bb in zip(("loss", "lse"), out, out_o, out_b):
+        assert_close_to_oracle(name, a, o, bb, dtype=dtype)
+    for name, a, o, bb in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_o, grads_b):
+        if o is not None:
+            assert a.dtype == dtype
+            assert_close_to_oracle(name, a, o, bb, dtype=dtype)
+    return out, grads
+
+
+SHAPES = [
+    pytest.param((1,), 37, 19, dict(bias=True), dict(), id="N1-V37-D19-bias"),
+    pytest.param((37,), 111, 45, dict(), dict(softcap=5.0, temperature=0.7), id="N37-V111-D45-softcap-temp"),
+    pytest.param((129,), 300, 70, dict(bias=True), dict(label_smoothing=0.1, z_loss=1e-3),
+                 id="N129-V300-D70-smoothing-zloss"),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape,V,D,inp,kw", SHAPES)
+def test_triton_ce_matches_oracle(shape, V, D, inp, kw, dtype, strategy, poison_empty):
+    h, W, b, y, _ = _inputs(shape, V, D, dtype, **inp)
+    _check_against_oracle(h, W, b, y, dtype, strategy=strategy, **kw)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunk workspaces of 7 rows, so the chunked paths run several chunks on tiny inputs."""
+    monkeypatch.setattr(lce_kernels, "_chunk_rows", lambda N, V, per, cb: min(N, 7))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("fused_backward", ["kernel", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_reduction_none_random_grad_output(dtype, fused_backward, monkeypatch, small_chunks, poison_empty):
+    monkeypatch.setenv("T3S_FUSED_BACKWARD", fused_backward)
+    h, W, b, y, w = _inputs((4, 13), 67, 21, dtype, bias=True, weights=True, seed=5)
+    up = [torch.randn(y.shape, generator=torch.Generator().manual_seed(9))]
+    _check_against_oracle(h, W, b, y, dtype, upstream=up, reduction="none", token_weight=w, label_smoothing=0.1,
+                          z_loss=1e-2, softcap=3.0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+def test_triton_shift_weights_normalizer(strategy, poison_empty):
+    h, W, b, y, w = _inputs((2, 17), 53, 24, torch.float32, bias=True, weights=True, seed=6)
+    h = h.transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous view of hidden
+    _check_against_oracle(h, W, b, y, torch.float32, shift=True, token_weight=w,
+                          normalizer=torch.tensor(21.0), strategy=strategy)
+
+
+@pytest.mark.triton
+def test_triton_return_lse_differentiable(poison_empty):
+    h, W, b, y, _ = _inputs((3, 11), 41, 17, torch.float32, bias=True, seed=7)
+    g = torch.Generator().manual_seed(3)
+    up = [torch.randn((), generator=g), torch.randn(3, 11, generator=g)]
+    _check_against_oracle(h, W, b, y, torch.float32, upstream=up, return_lse=True, z_loss=1e-3, strategy="fused")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ["huge", "all-negative"])
+def test_triton_extreme_logits(case, poison_empty):
+    if case == "huge":  # logits of order ±1e4
+        h, W, b, y, _ = _inputs((23,), 57, 16, torch.float32, seed=8, h_scale=5e3)
+    else:  # every logit around -1000
+        h, W, b, y, _ = _inputs((23,), 57, 16, torch.float32, seed=8, bias=True, b_shift=-1000.0)
+    (loss,), _ = _check_against_oracle(h, W, b, y, torch.float32, strategy="fused", reduction="none")
+    assert (loss >= 0).all()
+    _check_against_oracle(h, W, b, y, torch.float32, strategy="chunked", reduction="sum", label_smoothing=0.1)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("impl,strategy", [("reference", "auto"), ("triton", "fused"), ("triton", "chunked")])
+@pytest.mark.parametrize("how", ["ignore", "zero-weight"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(impl, strategy, how, poison_empty):
+    h, W, b, y, _ = _inputs((2, 9), 29, 12, torch.float32, bias=True, ignore_frac=1.0 if how == "ignore" else 0.0)
+    w = torch.zeros(y.shape) if how == "zero-weight" else None
+    for reduction in ("mean", "sum", "none"):
+        if strategy == "chunked" and reduction == "none":
+            continue
+        hh, WW, bb = (t.clone().requires_grad_() for t in (h, W, b))
+        loss, lse = linear_cross_entropy(hh, WW, y, bias=bb, token_weight=w, reduction=reduction, impl=impl,
+                                         strategy=strategy, return_lse=True, label_smoothing=0.1, z_loss=1e-3)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and (loss == 0).all()
+        assert (lse == 0).all()
+        for t in (hh, WW, bb):
+            assert torch.isfinite(t.grad).all() and (t.grad == 0).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+def test_triton_bf16_and_larger_vocab(strategy, poison_empty):
+    """bf16 (operands upcast under the interpreter) at a shape with one tile per axis; V = 5003 (79 vocabulary
+    tiles of the online softmax) in fp32."""
+    h, W, b, y, _ = _inputs((19,), 83, 24, torch.bfloat16, bias=True, seed=13)
+    _check_against_oracle(h, W, b, y, torch.bfloat16, strategy=strategy, label_smoothing=0.1)
+    h, W, b, y, _ = _inputs((5,), 5003, 16, torch.float32, bias=True, seed=14, ignore_frac=0.0)
+    _check_against_oracle(h, W, b, y, torch.float32, strategy=strategy, z_loss=1e-3)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("impl,strategy", [("reference", "auto"), ("triton", "fused"), ("triton", "chunked")])
+def test_autocast_casts_inputs_and_keeps_fp32_master_grads(impl, strategy):
+    h, W, _, y, _ = _inputs((2, 7), 37, 16, torch.float32, seed=15)
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hh, WW, y, impl=impl, strategy=strategy)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hh.grad.dtype == torch.float32 and WW.grad.dtype == torch.float32
+    hb, Wb = h.bfloat16().requires_grad_(), W.bfloat16().requires_grad_()
+    ref = linear_cross_entropy(hb, Wb, y, impl=impl, strategy=strategy)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    torch.testing.assert_close(hh.grad, hb.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(WW.grad, Wb.grad.float(), rtol=0, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("strategy", ["fused"])
+def test_ignored_rows_do_not_leak(strategy, poison_empty):
+    """NaN hidden states at ignored / zero-weight rows change nothing: the fused kernels never touch those rows
+    (skipped, not multiplied by zero). int32 targets. (The chunked strategy multiplies them by zero in the dW GEMM,
+    like plain PyTorch, so it is not expected to pass this.)"""
+    h, W, b, y, w = _inputs((40,), 47, 18, torch.float32, bias=True, weights=True, seed=12)
+    dead = (y == -100) | (w == 0)
+    y = y.to(torch.int32)
+    results = []
+    for fill in (0.0, float("nan")):
+        hh = h.clone()
+        hh[dead] = fill
+        hh.requires_grad_()
+        WW, bb = W.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, WW, y, bias=bb, token_weight=w, impl="triton", strategy=strategy)
+        loss.backward()
+        results.append((loss, hh.grad, WW.grad, bb.grad))
+    for a, r in zip(results[1], results[0]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+@pytest.mark.triton
+def test_strategy_dispatch(monkeypatch):
+    """auto: chunked for mean/sum without token_weight / return_lse; fused otherwise; forward-only without grad."""
+    h, W, _, y, w = _inputs((9,), 31, 16, torch.float32, weights=True)
+    calls = []
+    real_chunked, real_apply = lce_kernels.lce_chunked, lce_function.LinearTokenStatsFunction.apply
+    real_fwd = lce_kernels.lce_stats_fwd
+    monkeypatch.setattr(lce_kernels, "lce_chunked", lambda *a, **k: calls.append("chunked") or real_chunked(*a, **k))
+    monkeypatch.setattr(lce_function.LinearTokenStatsFunction, "apply",
+                        lambda *a, **k: calls.append("fused") or real_apply(*a, **k))
+    monkeypatch.setattr(lce_kernels, "lce_stats_fwd", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
+    hg = h.clone().requires_grad_()
+
+    def run(*, expect, **kw):
+        calls.clear()
+        linear_cross_entropy(hg if kw.pop("grad", True) else h, W, y, impl="triton", **kw)
+        assert calls[0] == expect, (kw, calls)
+
+    run(expect="chunked")
+    run(expect="chunked", reduction="sum")
+    run(expect="fused", token_weight=w)
+    run(expect="fused", return_lse=True)
+    run(expect="fused", reduction="none")
+    run(expect="chunked", token_weight=w, strategy="chunked")
+    run(expect="fused", strategy="fused")
+    run(expect="fwd", grad=False)  # nothing requires grad: a forward-only pass, no autograd Function
+    assert calls == ["fwd"]
+    with torch.no_grad():
+        run(expect="fwd")
+        assert calls == ["fwd"]
+
+
+@pytest.mark.triton
+def test_no_grad_forward_saves_nothing():
+    h, W, b, y, _ = _inputs((21,), 113, 9, torch.float32, bias=True)
+    hg, Wg = h.clone().requires_grad_(), W.clone().requires_grad_()
+    packed = []
+
+    def pack(t):
+        packed.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.no_grad():
+            loss = linear_cross_entropy(hg, Wg, y, bias=b, impl="triton", reduction="none")
+        assert not loss.requires_grad and packed == []
+        # with grad: the fused strategy saves inputs and O(N) vectors, never an [N, V] block
+        linear_cross_entropy(hg, Wg, y, bias=b, impl="triton", strategy="fused")
+    assert packed and max(packed) < 21 * 113
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_chunked_small_workspace_many_chunks(dtype, small_chunks, poison_empty):
+    """Several chunks (workspace budget of 7 rows) give the same result as the oracle; int32 targets."""
+    h, W, b, y, _ = _inputs((45,), 64, 20, dtype, bias=True, seed=11)
+    y = y.to(torch.int32)
+    _check_against_oracle(h, W, b, y, dtype, strategy="chunked", label_smoothing=0.2, softcap=4.0, z_loss=1e-3)
+
+
+def test_chunked_rejects_reduction_none():
+    h, W, _, y, _ = _inputs((5,), 11, 8, torch.float32)
+    if not lce_kernels.interpreting():
+        pytest.skip("needs the Triton interpreter on CPU")
+    with pytest.raises(ValueError, match="strategy='chunked'"):
+        linear_cross_entropy(h.requires_grad_(), W, y, reduction="none", impl="triton", strategy="chunked")
+
+
+@pytest.mark.triton
+def test_shipped_configs_compile_for_sm90_without_spills():
+    """The interpreter cannot see compiler-only errors or register spills: compile every kernel for sm_90 with its
+    shipped config (no GPU needed) in a subprocess without TRITON_INTERPRET."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is not available")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    script = Path(__file__).with_name("_lce_aot_compile.py")
+    r = subprocess.run([sys.executable, str(script), "bf16", "fp32"], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert r.stdout.count("STACK 0") == 10, r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------------
+
+_H, _W, _B, _Y, _ = _inputs((2, 5), 11, 8, torch.float32, bias=True)
+
+BAD = [
+    pytest.param(dict(hidden=_H[..., :7]), ValueError, "weight.shape\\[1\\]", id="D-mismatch"),
+    pytest.param(dict(weight=_W[0]), ValueError, "weight must be 2-D", id="weight-1d"),
+    pytest.param(dict(weight=_W.double()), TypeError, "weight dtype", id="mixed-dtype"),
+    pytest.param(dict(targets=_Y.float()), TypeError, "targets must be an integer", id="float-targets"),
+    pytest.param(dict(targets=_Y[:, :4]), ValueError, "targets must have shape", id="targets-shape"),
+    pytest.param(dict(targets=torch.full_like(_Y, 11)), ValueError, "targets must be in \\[0, V=11\\)", id="tgt>=V"),
+    pytest.param(dict(targets=torch.full_like(_Y, -3)), ValueError, "targets must be in", id="tgt<0"),
+    pytest.param(dict(bias=_B[:5]), ValueError, "bias must have shape", id="bias-shape"),
+    pytest.param(dict(token_weight=torch.ones(2, 4)), ValueError, "token_weight must have the shape", id="tw-shape"),
+    pytest.param(dict(token_weight=torch.ones(2, 5, dtype=torch.long)), TypeError, "token_weight must be a float",
+                 id="tw-dtype"),
+    pytest.param(dict(token_weight=torch.full((2, 5), float("nan"))), ValueError, "token_weight must be finite",
+                 id="tw-nan"),
+    pytest.param(dict(reduction="avg"), ValueError, "reduction must be one of", id="reduction"),
+    pytest.param(dict(impl="cuda"), ValueError, "impl must be one of", id="impl"),
+    pytest.param(dict(strategy="fast"), ValueError, "strategy must be one of", id="strategy"),
+    pytest.param(dict(label_smoothing=1.0), ValueError, "label_smoothing", id="smoothing"),
+    pytest.param(dict(temperature=0.0), ValueError, "temperature", id="temperature"),
+    pytest.param(dict(softcap=-1.0), ValueError, "softcap", id="softcap"),
+    pytest.param(dict(normalizer=3.0, reduction="sum"), ValueError, "normalizer", id="normalizer-sum"),
+    pytest.param(dict(z_loss=-1.0), ValueError, "z_loss", id="z_loss"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD)
+def test_bad_arguments_raise_clear_errors(override, exc, match):
+    args = dict(hidden=_H, weight=_W, targets=_Y, bias=_B)
+    args.update(override)
+    hidden, weight, targets = args.pop("hidden"), args.pop("weight"), args.pop("targets")
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(hidden, weight, targets, **args)

@@ -1,0 +1,146 @@
+"""token_logprobs: Triton kernels against the float64 naive oracle with random upstream gradients on logprob,
+entropy and LSE at once; the forward-only (no_grad) path; edge cases; argument validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _lce_oracle import grads_of, naive_token_logprobs
+
+from t3s_kernels.linear_ce import TokenLogprobs, token_logprobs
+from t3s_kernels.linear_ce import function as lce_function
+from t3s_kernels.testing import assert_close_to_oracle
+
+F64 = torch.float64
+
+
+def _inputs(shape, V, D, dtype, *, ignore_frac=0.2, bias=False, seed=0, h_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(*shape, D, generator=g, dtype=F64) * h_scale).to(dtype)
+    W = (torch.randn(V, D, generator=g, dtype=F64) * (2.0 / D**0.5)).to(dtype)
+    b = torch.randn(V, generator=g, dtype=F64).to(dtype) if bias else None
+    y = torch.randint(0, V, shape, generator=g)
+    y[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return h, W, b, y
+
+
+def _check(h, W, b, y, dtype, **kw):
+    g = torch.Generator().manual_seed(123)
+    ups = [torch.randn(y.shape, generator=g) for _ in range(3)]
+
+    def ours(h_, W_, b_):
+        return tuple(token_logprobs(h_, W_, y, bias=b_, return_entropy=True, return_lse=True, impl="triton", **kw))
+
+    def naive(h_, W_, b_, **dt):
+        return naive_token_logprobs(h_, W_, y, bias=b_, **kw, **dt)
+
+    out, grads = grads_of(ours, (h, W, b), upstream=ups)
+    out_o, grads_o = grads_of(naive, (h, W, b), upstream=ups)
+    out_b, grads_b = grads_of(lambda *a: naive(*a, matmul_dtype=dtype, math_dtype=torch.float32), (h, W, b),
+                              upstream=ups)
+    for name, a, o, bb in zip(("logprob", "entropy", "lse"), out, out_o, out_b):
+        assert a.dtype == torch.float32 and a.shape == y.shape
+        assert_close_to_oracle(name, a, o, bb, dtype=dtype)
+    for name, a, o, bb in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_o, grads_b):
+        if o is not None:
+            assert_close_to_oracle(name, a, o, bb, dtype=dtype)
+    ignored = y == -100
+    for t in out:
+        assert (t[ignored] == 0).all()
+    return out
+
+
+CASES = [
+    pytest.param((1,), 37, 19, dict(bias=True), dict(), id="N1-V37-D19-bias"),
+    pytest.param((3, 13), 111, 45, dict(), dict(softcap=5.0, temperature=0.7), id="B3xT13-V111-D45-softcap-temp"),
+    pytest.param((129,), 300, 70, dict(bias=True), dict(temperature=1.3), id="N129-V300-D70-bias"),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape,V,D,inp,kw", CASES)
+def test_triton_token_logprobs_all_outputs_and_grads(shape, V, D, inp, kw, dtype, poison_empty):
+    h, W, b, y = _inputs(shape, V, D, dtype, **inp)
+    _check(h, W, b, y, dtype, **kw)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_token_logprobs_chunked_backward(dtype, monkeypatch, poison_empty):
+    """The cuBLAS-chunk backward (T3S_FUSED_BACKWARD=chunked), several chunks, softcap + bias + ignored rows."""
+    from t3s_kernels.linear_ce import kernels as lce_kernels
+
+    monkeypatch.setenv("T3S_FUSED_BACKWARD", "chunked")
+    monkeypatch.setattr(lce_kernels, "_chunk_rows", lambda N, V, per, cb: min(N, 6))
+    h, W, b, y = _inputs((2, 11), 75, 28, dtype, bias=True, seed=8)
+    _check(h, W, b, y, dtype, softcap=4.0, temperature=0.9)
+
+
+@pytest.mark.triton
+def test_triton_token_logprobs_huge_logits(poison_empty):
+    h, W, b, y = _inputs((19,), 45, 16, torch.float32, h_scale=5e3, seed=4)
+    logprob, entropy, lse = _check(h, W, b, y, torch.float32)
+    assert (logprob <= 0).all() and (entropy >= 0).all()
+
+
+@pytest.mark.triton
+def test_triton_partial_upstream_only_entropy(poison_empty):
+    """Only one output used in the loss (the others get no gradient)."""
+    h, W, b, y = _inputs((17,), 53, 20, torch.float32, bias=True, seed=5)
+    outs = {}
+    for impl in ("reference", "triton"):
+        hh, WW, bb = (t.clone().requires_grad_() for t in (h, W, b))
+        out = token_logprobs(hh, WW, y, bias=bb, return_entropy=True, impl=impl)
+        out.entropy.sum().backward()
+        outs[impl] = (hh.grad, WW.grad, bb.grad)
+    for a, r in zip(outs["triton"], outs["reference"]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_no_grad_is_forward_only(impl, monkeypatch, poison_empty):
+    h, W, b, y = _inputs((5, 7), 61, 24, torch.float32, bias=True)
+    hg, Wg = h.clone().requires_grad_(), W.clone().requires_grad_()
+    monkeypatch.setattr(lce_function.LinearTokenStatsFunction, "apply",
+                        lambda *a, **k: pytest.fail("autograd Function used under no_grad"))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out = token_logprobs(hg, Wg, y, bias=b, return_entropy=True, return_lse=True, impl=impl)
+    assert packed == []
+    assert not any(t.requires_grad for t in out)
+    ref = naive_token_logprobs(h, W, y, bias=b)
+    for a, r in zip(out, ref):
+        torch.testing.assert_close(a, r.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_all_ignored_and_defaults(impl, poison_empty):
+    h, W, b, y = _inputs((3, 4), 29, 12, torch.float32, ignore_frac=1.0)
+    hg = h.clone().requires_grad_()
+    out = token_logprobs(hg, W, y, impl=impl)
+    assert isinstance(out, TokenLogprobs) and out.entropy is None and out.lse is None
+    assert (out.logprob == 0).all()
+    out.logprob.sum().backward()
+    assert (hg.grad == 0).all()
+
+
+@pytest.mark.parametrize(
+    "override,exc,match",
+    [
+        pytest.param(dict(targets=torch.zeros(3, 4)), TypeError, "targets must be an integer", id="float-targets"),
+        pytest.param(dict(weight=torch.randn(29, 11)), ValueError, "weight.shape\\[1\\]", id="D-mismatch"),
+        pytest.param(dict(targets=torch.full((3, 4), 29)), ValueError, "targets must be in", id="tgt-range"),
+        pytest.param(dict(temperature=-1.0), ValueError, "temperature", id="temperature"),
+        pytest.param(dict(impl="fast"), ValueError, "impl must be one of", id="impl"),
+    ],
+)
+def test_token_logprobs_bad_arguments(override, exc, match):
+    h, W, _, y = _inputs((3, 4), 29, 12, torch.float32)
+    args = dict(weight=W, targets=y)
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        token_logprobs(h, args.pop("weight"), args.pop("targets"), **args)

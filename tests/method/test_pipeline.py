@@ -1,0 +1,135 @@
+"""The whole pipeline end to end on a tiny random model, a resume after a simulated crash, and the CLI."""
+
+import json
+
+import pytest
+import torch
+from _tiny import make_tiny, tiny_config
+
+from t3s.cli import main
+from t3s.io import stage_done
+from t3s.pipeline import Pipeline, run_pipeline
+
+VARIANTS = "variants=[sft,t3s,neg_t3s,static_low_conf,rrt]"
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _weights(run, variant):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "variants" / variant / "final" / "model.safetensors"))
+
+
+def _results(run):
+    return {k: v["heldout_accuracy"] for k, v in ((r["model"], r) for r in
+                                                  json.loads((run / "report" / "results.json").read_text())["rows"])}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_run(root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("clean")
+    cfg = tiny_config(root, run, VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2")
+    report = run_pipeline(cfg, progress=False, log=lambda s: None)
+    return run, report
+
+
+def test_end_to_end_writes_every_stage_and_the_report(clean_run):
+    run, report = clean_run
+    p = Pipeline(tiny_config(run.parent, run, VARIANTS, "diagnostics.loss_transfer=true"))
+    assert all(stage_done(run, name) for name, _ in p.stages())
+    assert report.exists() and "Results (held-out, greedy)" in report.read_text()
+    for png in ("training_dynamics", "delta_c", "group_dprob", "grad_stats"):
+        assert (run / "report" / f"{png}.png").stat().st_size > 1000
+    res = json.loads((run / "report" / "results.json").read_text())
+    assert [r["model"] for r in res["rows"]] == ["base", "sft", "t3s", "neg_t3s", "static_low_conf", "rrt"]
+    assert res["bottleneck"]["method"] == "argmin" and res["bottleneck"]["step"] >= 1
+    assert set(res["loss_transfer"]["matrix_percent"]) == {"anchor_easy", "anchor_hard", "other_easy", "other_hard"}
+    # T3S masks exactly the anchors, −T3S exactly the rest, the static baseline the same fraction as T3S.
+    sel = res["selections"]
+    assert sel["t3s"]["num_selected"] + sel["neg_t3s"]["num_selected"] == sel["t3s"]["num_tokens"]
+    assert sel["static_low_conf"]["num_selected"] == sel["t3s"]["num_selected"]
+    sft_rows = [json.loads(x) for x in (run / "variants" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("grad_cosine" in r and "dprob_anchor" in r for r in sft_rows)
+    assert all("paper" not in r or r["paper"] is None for r in res["rows"])  # no paper numbers: setting differs
+
+
+def test_resume_after_a_crash_skips_finished_stages_and_gives_identical_results(root, clean_run, tmp_path,
+                                                                                 monkeypatch):
+    run = tmp_path / "run"
+    cfg = tiny_config(root, run, VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2")
+    real_train = Pipeline.stage_train
+
+    def crashing(self, variant):
+        if variant == "t3s":
+            raise Crash("killed while training t3s")
+        return real_train(self, variant)
+
+    monkeypatch.setattr(Pipeline, "stage_train", crashing)
+    with pytest.raises(Crash):
+        run_pipeline(cfg, progress=False, log=lambda s: None)
+    assert stage_done(run, "train_sft") and not stage_done(run, "train_t3s")
+    monkeypatch.undo()
+
+    ran = []
+    for name in ("stage_trajectory", "stage_profile", "stage_train", "stage_eval"):
+        real = getattr(Pipeline, name)
+        monkeypatch.setattr(Pipeline, name, lambda self, *a, _r=real, _n=name: (ran.append((_n, *a)), _r(self, *a))[1])
+    run_pipeline(cfg, progress=False, log=lambda s: None)
+    assert ("stage_trajectory",) not in ran and ("stage_train", "sft") not in ran
+    assert ("stage_train", "t3s") in ran and ("stage_eval", "base") in ran
+
+    clean, _ = clean_run
+    assert _results(run) == _results(clean)
+    for v in ("sft", "t3s", "rrt"):
+        a, b = _weights(run, v), _weights(clean, v)
+        assert all(torch.equal(a[k], b[k]) for k in a), v
+
+
+def test_cli_run_resumes_and_rebuilds_the_report(clean_run, capsys):
+    run, _ = clean_run
+    assert main(["run", str(run / "config.yaml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "done earlier, skipped" in out and "| T3S |" in out and "report:" in out
+    (run / "report" / "report.md").unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "report.md").exists()
+
+
+def test_cli_train_with_a_selection(clean_run, tmp_path, capsys):
+    run, _ = clean_run
+    rc = main(["train", str(run / "config.yaml"), "train.steps=1", "--selection", str(run / "selections" / "t3s"),
+               "--out", str(tmp_path / "one"), "--no-progress"])
+    assert rc == 0 and (tmp_path / "one" / "final" / "config.json").exists()
+
+
+def test_cli_train_dllm_with_targets(clean_run, tmp_path):
+    run, _ = clean_run
+    assert main(["select", "--delta", str(run / "delta"), "--rule", "dllm_targets", "--out", str(tmp_path / "B")]) == 0
+    rc = main(["train", str(run / "config.yaml"), "train.steps=1", "dllm.mask_token_id=3", "dllm.block_size=4",
+               "--mode", "dllm", "--selection", str(tmp_path / "B"), "--out", str(tmp_path / "d"), "--no-progress"])
+    assert rc == 0 and (tmp_path / "d" / "final" / "config.json").exists()
+    assert (tmp_path / "d" / "metrics.jsonl").read_text().strip()
+
+
+def test_clear_errors_for_bad_data(root, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = tiny_config(root, tmp_path / "run", f"data.train={empty}")
+    with pytest.raises(ValueError, match="empty"):
+        run_pipeline(cfg, progress=False, log=lambda s: None)
+    nohead = tmp_path / "noanswer.jsonl"
+    nohead.write_text(json.dumps({"id": "a", "prompt": "1+1", "response": "2"}) + "\n")
+    with pytest.raises(ValueError, match="answer"):
+        run_pipeline(tiny_config(root, tmp_path / "run2", f"data.train={nohead}"), progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="train.mode=ar"):
+        run_pipeline(tiny_config(root, tmp_path / "run3", "train.mode=dllm"), progress=False, log=lambda s: None)
