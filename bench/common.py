@@ -16,6 +16,11 @@ The API is small on purpose; every benchmark module uses only these names:
 * :func:`base_parser` (``name``, ``description``) → an ``argparse`` parser with the shared ``--results-dir`` and
   ``--no-save`` options.
 
+The two LM-head benchmarks (``linear_ce``, ``token_logprobs``) share one more layer: :data:`DTYPES`,
+:func:`parse_shape` (``"DxV"``), :class:`Unavailable` (a provider reported as ``skipped``), the ``--cpu-memory``
+options (:func:`add_cpu_memory_args`), the CPU peak-memory rows (:func:`cpu_memory_rows`) and the ``main`` driver
+(:func:`run_main`).
+
 A benchmark module ``bench/<name>.py`` defines ``main(argv: list[str] | None) -> int`` and is run as
 ``python -m bench <name> [args]`` (``python -m bench --list`` lists them).
 """
@@ -35,21 +40,28 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
+    "DTYPES",
     "RESULTS_DIR",
     "Timing",
+    "Unavailable",
+    "add_cpu_memory_args",
     "append_rows",
     "base_parser",
+    "cpu_memory_rows",
     "cpu_peak_mb",
     "cuda_peak_mb",
     "format_table",
     "guarded",
     "is_oom",
+    "parse_shape",
+    "run_main",
     "stamp",
     "time_ms",
 ]
@@ -386,6 +398,84 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-save", action="store_true", help="print the table only; write no CSV")
     return p
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LM-head benchmarks (linear_ce, token_logprobs): shared options, CPU peak-memory mode, driver
+# ------------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Unavailable(Exception):
+    """The provider is not installed (or cannot run here): reported as ``skipped``."""
+
+
+def parse_shape(s: str) -> tuple[int, int]:
+    """``"DxV"`` → ``(D, V)`` (an ``argparse`` type)."""
+    d, v = s.lower().split("x")
+    return int(d), int(v)
+
+
+def add_cpu_memory_args(p: argparse.ArgumentParser, cpu_providers: Sequence[str]) -> argparse.ArgumentParser:
+    """``--cpu-memory`` and its options: the shape ``--cpu-n/-d/-v``, ``--cpu-providers``, ``--jobs``."""
+    p.add_argument("--cpu-memory", action="store_true", help="CPU peak-memory smoke mode (no GPU needed)")
+    p.add_argument("--cpu-n", type=int, default=2048)
+    p.add_argument("--cpu-d", type=int, default=64)
+    p.add_argument("--cpu-v", type=int, default=32000)
+    p.add_argument("--cpu-providers", nargs="+", default=list(cpu_providers), choices=cpu_providers)
+    p.add_argument("--jobs", type=int, default=1, help="CPU cases measured concurrently (memory is per process)")
+    return p
+
+
+def cpu_memory_rows(bench: str, target: str, args: argparse.Namespace, **fixed: Any) -> list[dict]:
+    """Peak CPU memory of ``target(provider=…, N=…, D=…, V=…)`` for each of ``args.cpu_providers`` (fp32).
+
+    Each case runs in a fresh process (:func:`cpu_peak_mb`), ``args.jobs`` at a time; rows carry ``logits_mb``
+    (one fp32 ``[N, V]`` buffer) and ``peak_over_logits``. ``fixed`` columns go after ``dtype``. The table is
+    printed.
+    """
+    N, D, V = args.cpu_n, args.cpu_d, args.cpu_v
+    meta = stamp("cpu")
+    logits_mb = N * V * 4 / 2**20
+    rows = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # one fresh process per case
+        results = list(pool.map(lambda p: cpu_peak_mb(target, provider=p, N=N, D=D, V=V), args.cpu_providers))
+    for provider, res in zip(args.cpu_providers, results, strict=True):
+        row = {
+            "bench": bench, "mode": "cpu-memory", "N": N, "D": D, "V": V, "dtype": "fp32", **fixed,
+            "provider": provider,
+            "status": res["status"], "peak_mb": res["peak_mb"], "logits_mb": logits_mb,
+            "peak_over_logits": res["peak_mb"] / logits_mb, "wall_ms": res["wall_ms"], "method": res["method"],
+        }
+        rows.append(dict(row, **meta))
+    print(format_table(rows, ("N", "D", "V", "provider", "peak_mb", "logits_mb", "peak_over_logits", "wall_ms",
+                              "status")))
+    return rows
+
+
+def run_main(
+    args: argparse.Namespace,
+    run_cpu_memory: Callable[[argparse.Namespace], list[dict]],
+    run_gpu: Callable[[argparse.Namespace], list[dict]],
+    table_cols: Sequence[str],
+    bench: str,
+) -> int:
+    """``main`` of a benchmark with a ``--cpu-memory`` mode and a ``--device`` timing mode: run, print, save."""
+    if args.cpu_memory:
+        rows = run_cpu_memory(args)
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: the timing benchmark needs a GPU; `--cpu-memory` runs the CPU smoke mode")
+        return 2
+    else:
+        if args.device == "cpu":
+            torch.set_num_threads(1)
+        rows = run_gpu(args)
+        print()
+        print(format_table(rows, table_cols))
+    if not args.no_save:
+        print(f"\nappended {len(rows)} rows to {append_rows(bench, rows, args.results_dir)}")
+    return 0
 
 
 def _child_main(argv: list[str]) -> int:

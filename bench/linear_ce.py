@@ -36,18 +36,21 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import (
-    append_rows,
+    DTYPES,
+    Unavailable,
+    add_cpu_memory_args,
     base_parser,
-    cpu_peak_mb,
+    cpu_memory_rows,
     cuda_peak_mb,
     format_table,
     guarded,
+    parse_shape,
+    run_main,
     stamp,
     time_ms,
 )
@@ -58,11 +61,6 @@ SHAPES = ((4096, 151936), (2048, 151936), (4096, 128256), (2304, 256000))
 PROVIDERS = ("t3s_chunked", "t3s_fused", "torch", "torch_lce", "liger", "cce", "cce_exact")
 VARIANTS = ("all", "w50")
 CPU_PROVIDERS = ("t3s", "torch", "torch_lce")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class Unavailable(Exception):
-    """The provider is not installed (or cannot run here): reported as ``skipped``."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -258,66 +256,23 @@ def cpu_case(provider: str, N: int, D: int, V: int, seed: int = 0) -> Callable[[
 
 
 def run_cpu_memory(args) -> list[dict]:
-    N, D, V = args.cpu_n, args.cpu_d, args.cpu_v
-    meta = stamp("cpu")
-    logits_mb = N * V * 4 / 2**20
-    rows = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # one fresh process per case
-        results = list(
-            pool.map(lambda p: cpu_peak_mb("bench.linear_ce:cpu_case", provider=p, N=N, D=D, V=V), args.cpu_providers)
-        )
-    for provider, res in zip(args.cpu_providers, results, strict=True):
-        row = {
-            "bench": BENCH, "mode": "cpu-memory", "N": N, "D": D, "V": V, "dtype": "fp32", "variant": "all",
-            "provider": provider,
-            "status": res["status"], "peak_mb": res["peak_mb"], "logits_mb": logits_mb,
-            "peak_over_logits": res["peak_mb"] / logits_mb, "wall_ms": res["wall_ms"], "method": res["method"],
-        }
-        rows.append(dict(row, **meta))
-    print(format_table(rows, ("N", "D", "V", "provider", "peak_mb", "logits_mb", "peak_over_logits", "wall_ms",
-                              "status")))
-    return rows
+    return cpu_memory_rows(BENCH, "bench.linear_ce:cpu_case", args, variant="all")
 
 
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _shape(s: str) -> tuple[int, int]:
-    d, v = s.lower().split("x")
-    return int(d), int(v)
-
-
 def parser():
     p = base_parser(BENCH, __doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=list(NS), help="token counts N")
-    p.add_argument("--shapes", type=_shape, nargs="+", default=list(SHAPES), metavar="DxV", help="(D, V) pairs")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=list(SHAPES), metavar="DxV", help="(D, V) pairs")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--budget-ms", type=float, default=1500.0, help="timing budget per measurement")
     p.add_argument("--device", default="cuda", help="'cpu' only smoke-tests the harness (no peak memory)")
-    p.add_argument("--cpu-memory", action="store_true", help="CPU peak-memory smoke mode (no GPU needed)")
-    p.add_argument("--cpu-n", type=int, default=2048)
-    p.add_argument("--cpu-d", type=int, default=64)
-    p.add_argument("--cpu-v", type=int, default=32000)
-    p.add_argument("--cpu-providers", nargs="+", default=list(CPU_PROVIDERS), choices=CPU_PROVIDERS)
-    p.add_argument("--jobs", type=int, default=1, help="CPU cases measured concurrently (memory is per process)")
-    return p
+    return add_cpu_memory_args(p, CPU_PROVIDERS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.cpu_memory:
-        rows = run_cpu_memory(args)
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: the timing benchmark needs a GPU; `--cpu-memory` runs the CPU smoke mode")
-        return 2
-    else:
-        if args.device == "cpu":
-            torch.set_num_threads(1)
-        rows = run_gpu(args)
-        print()
-        print(format_table(rows, TABLE_COLS))
-    if not args.no_save:
-        print(f"\nappended {len(rows)} rows to {append_rows(BENCH, rows, args.results_dir)}")
-    return 0
+    return run_main(parser().parse_args(argv), run_cpu_memory, run_gpu, TABLE_COLS, BENCH)

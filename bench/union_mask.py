@@ -76,6 +76,16 @@ def kernel_only(ids, maskable, valid, targets, bs):
     return run
 
 
+def bandwidth_row(cols: dict, fn, device, nbytes: int, copy_gbs: float) -> dict:
+    """Time ``fn``; a row of ``cols`` + status, p20/p50/p80 ms, effective GB/s (``nbytes`` / p50) and ``bw_frac``."""
+    t, status = guarded(lambda: time_ms(fn, device=device))
+    row = {**cols, "status": status}
+    if t is not None:
+        gbs = nbytes / (t.p50 * 1e-3) / 1e9
+        row.update(p20_ms=t.p20, p50_ms=t.p50, p80_ms=t.p80, gb_s=gbs, bw_frac=gbs / copy_gbs)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(BENCH, __doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="CPU smoke mode (C++ op and reference)")
@@ -101,22 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                 nbytes = kernel_bytes(B, L, bs, inputs[0].element_size())
                 name = str(ids_dtype).replace("torch.", "")
                 run = kernel_only(*inputs, bs)
-                t, status = guarded(lambda run=run: time_ms(run, device=device))
-                row = {**base, "case": "kernel", "batch": B, "ids": name, "tokens": B * L, "status": status}
-                if t is not None:
-                    gbs = nbytes / (t.p50 * 1e-3) / 1e9
-                    row.update(p20_ms=t.p20, p50_ms=t.p50, p80_ms=t.p80, gb_s=gbs, bw_frac=gbs / copy_gbs)
-                rows.append(row)
+                cols = {"batch": B, "ids": name, "tokens": B * L}
+                rows.append(bandwidth_row({**base, "case": "kernel", **cols}, run, device, nbytes, copy_gbs))
                 ids, maskable, valid, targets = inputs
                 api = lambda: block_diffusion_union_mask(  # noqa: E731
                     ids, maskable, targets=targets, valid=valid, block_size=bs, mask_token_id=156895, seed=1, step=2
                 )
-                t, status = guarded(lambda api=api: time_ms(api, device=device))
-                row = {**base, "case": "api", "batch": B, "ids": name, "tokens": B * L, "status": status}
-                if t is not None:
-                    gbs = nbytes / (t.p50 * 1e-3) / 1e9
-                    row.update(p20_ms=t.p20, p50_ms=t.p50, p80_ms=t.p80, gb_s=gbs, bw_frac=gbs / copy_gbs)
-                rows.append(row)
+                rows.append(bandwidth_row({**base, "case": "api", **cols}, api, device, nbytes, copy_gbs))
                 del inputs, run, ids, maskable, valid, targets
     else:
         for B in batches:

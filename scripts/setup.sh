@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.11 if present) and installs t3s with its test and Hugging Face extras.
+# Creates .venv (Python 3.11 if present) and installs t3s with its test, Hugging Face and cross-check extras.
 # torch is installed first as the CPU wheel 2.13.0 so pip never pulls a multi-GB CUDA build; on a GPU machine
 # install the torch build you want before running this (an existing torch >= 2.5 is kept).
 set -euo pipefail
@@ -9,4 +9,4 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,hf]"
+python -m pip install -q -e ".[test,hf,crosscheck]"

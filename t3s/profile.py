@@ -301,16 +301,20 @@ class Store:
         return np.asarray([len(v) for v in self.table.column(name).to_pylist()]) if len(self) else np.zeros(0, int)
 
 
+# The columns that identify an example and its scored tokens: the first columns of a profile store and of the Δc
+# store built from two of them (which copies them from the base profile).
+_RECORD_FIELDS = (
+    pa.field("index", pa.int64()),
+    pa.field("id", pa.string()),
+    pa.field("input_ids", pa.list_(pa.int32())),
+    pa.field("response_start", pa.int32()),
+    pa.field("positions", pa.list_(pa.int32())),
+    pa.field("token_ids", pa.list_(pa.int32())),
+)
+
+
 def _rows_to_table(rows: list[dict], with_entropy: bool) -> pa.Table:
-    fields = [
-        pa.field("index", pa.int64()),
-        pa.field("id", pa.string()),
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("response_start", pa.int32()),
-        pa.field("positions", pa.list_(pa.int32())),
-        pa.field("token_ids", pa.list_(pa.int32())),
-        pa.field("logprob", pa.list_(pa.float32())),
-    ]
+    fields = [*_RECORD_FIELDS, pa.field("logprob", pa.list_(pa.float32()))]
     if with_entropy:
         fields.append(pa.field("entropy", pa.list_(pa.float32())))
     schema = pa.schema(fields)
@@ -651,12 +655,7 @@ def delta_confidence(store_base: Any, store_bottleneck: Any, out: str | Path | N
             "delta_c": (lp_neck - lp_base).astype(np.float32).tolist(),
         })
     schema = pa.schema([
-        pa.field("index", pa.int64()),
-        pa.field("id", pa.string()),
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("response_start", pa.int32()),
-        pa.field("positions", pa.list_(pa.int32())),
-        pa.field("token_ids", pa.list_(pa.int32())),
+        *_RECORD_FIELDS,
         pa.field("logprob_base", pa.list_(pa.float32())),
         pa.field("logprob_bottleneck", pa.list_(pa.float32())),
         pa.field("delta_c", pa.list_(pa.float32())),

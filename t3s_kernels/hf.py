@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t3s_kernels.linear_ce.api import TokenLogprobs, linear_cross_entropy, token_logprobs
+from t3s_kernels.linear_ce.modules import OptionsModule
 
 __all__ = ["FusedLossCausalLM", "FusedLossOutput", "head_transform_from_config"]
 
@@ -93,7 +94,7 @@ def head_transform_from_config(config: Any) -> tuple[float | None, float]:
     return cap / pre, 1.0 / (post * pre)
 
 
-class FusedLossCausalLM(nn.Module):
+class FusedLossCausalLM(OptionsModule):
     """Wrap a Hugging Face causal LM so its loss is computed by the fused linear-cross-entropy.
 
     Args:
@@ -115,6 +116,10 @@ class FusedLossCausalLM(nn.Module):
         >>> out = lm(ids, labels=ids)  # same value as LlamaForCausalLM(...)(ids, labels=ids).loss
         >>> out.loss.backward()
     """
+
+    _OPTIONS = (  # listed by extra_repr
+        "reduction", "ignore_index", "softcap", "temperature", "label_smoothing", "z_loss", "impl", "strategy",
+    )
 
     def __init__(
         self,
@@ -360,10 +365,3 @@ class FusedLossCausalLM(nn.Module):
             return None if t is None else F.pad(t, (1, 0), value=0.0)
 
         return TokenLogprobs(_align(out.logprob), _align(out.entropy), _align(out.lse))
-
-    def extra_repr(self) -> str:
-        return (
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, softcap={self.softcap}, "
-            f"temperature={self.temperature}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"impl={self.impl!r}, strategy={self.strategy!r}"
-        )

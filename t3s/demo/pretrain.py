@@ -44,7 +44,8 @@ def lr_at(step: int, spec: PretrainSpec) -> float:
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    chat = [{"role": "user", "content": prompt}]
+    out = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -140,7 +141,7 @@ def pretrain(
     rng = random.Random(f"t3s-demo-salad-{spec.seed}")
     stream = pretrain_stream(spec.seed, task, filler_prob=spec.filler_prob)
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for _, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -168,7 +169,8 @@ def pretrain(
             acc, _ = answer_accuracy(model, tokenizer, eval_records)
             history.append({"step": step + 1, "loss_ema": ema, "heldout_acc": acc, "seconds": time.time() - t0})
             if log:
-                log(f"pretrain step {step + 1}/{spec.steps} loss {ema:.3f} held-out acc {acc:.3f} ({time.time() - t0:.0f}s)")
+                log(f"pretrain step {step + 1}/{spec.steps} loss {ema:.3f} held-out acc {acc:.3f} "
+                    f"({time.time() - t0:.0f}s)")
         elif log and (step + 1) % 250 == 0:
             log(f"pretrain step {step + 1}/{spec.steps} loss {ema:.3f} ({time.time() - t0:.0f}s)")
     model.eval()

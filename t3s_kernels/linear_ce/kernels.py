@@ -101,6 +101,71 @@ def _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Columns ``o_v`` of one row of stored logits ``p_x`` (+ bias) in fp32 -> ``_lce_transform``'s ``(z, tanh)``."""
+    b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_z, b_t = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
+    return b_z, b_t
+
+
+@triton.jit
+def _lce_online_stats(
+    b_z, m_v, o_v, b_y, b_m, b_s, b_a, b_t, b_sz,
+    AXIS: tl.constexpr, WITH_TGT: tl.constexpr, WITH_SUMZ: tl.constexpr, WITH_A: tl.constexpr,
+):
+    """Fold one V tile of transformed logits ``b_z`` into its rows' running fp32 statistics; returns them updated.
+
+    ``m`` (max), ``s = Σ e^{z−m}``; ``a = Σ e^{z−m}(z−m)`` (``WITH_A``; kept relative to the running max so large
+    logits do not cancel); the target logit ``t`` (``WITH_TGT``: the column where ``o_v == b_y``) and ``Σ z``
+    (``WITH_SUMZ``). ``m_v`` masks the valid columns; ``m_v``, ``o_v`` and ``b_y`` come broadcast to ``b_z``. A
+    ``[BLOCK_N, BLOCK_V]`` tile reduces over ``AXIS=1`` (statistics ``[BLOCK_N]``), one row's ``[BLOCK_V]`` tile over
+    ``AXIS=0`` (scalars).
+    """
+    b_zm = tl.where(m_v, b_z, float("-inf"))
+    if WITH_TGT:
+        b_t += tl.sum(tl.where(o_v == b_y, b_z, 0.0), axis=AXIS)
+    if WITH_SUMZ:
+        b_sz += tl.sum(tl.where(m_v, b_z, 0.0), axis=AXIS)
+    b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=AXIS))
+    if AXIS == 1:
+        b_m_b = b_m_new[:, None]  # broadcast over the tile's columns
+    else:
+        b_m_b = b_m_new
+    b_alpha = tl.exp(b_m - b_m_new)
+    b_e = tl.exp(b_zm - b_m_b)  # 0 on masked columns
+    if WITH_A:
+        b_shift = tl.where(b_s > 0, b_m - b_m_new, 0.0)  # avoid (-inf) * 0 on the first tile
+        b_a = b_alpha * (b_a + b_shift * b_s) + tl.sum(b_e * tl.where(m_v, b_z - b_m_b, 0.0), axis=AXIS)
+    b_s = b_s * b_alpha + tl.sum(b_e, axis=AXIS)
+    return b_m_new, b_s, b_a, b_t, b_sz
+
+
+@triton.jit
+def _lce_dx(
+    b_z, b_th, m_v, o_v, b_y, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, inv_temp,
+    HAS_SOFTCAP: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
+):
+    """dL/dx (fp32) of a tile from ``_lce_transform``'s ``(z, tanh)``; per-row operands come broadcast to the tile.
+
+    ``dz = g_lse·p + g_tgt·[v = y] (+ g_sumz) (− g_ent·p·(z − Σ p z))``, ``p = e^{z − lse}`` (0 where ``m_v`` is
+    false), ``dx = dz / temperature (· (1 − tanh²))``; the target entry is formed in fp32 (no ``p_y − 1``
+    cancellation).
+    """
+    b_p = tl.exp(tl.where(m_v, b_z - b_lse, float("-inf")))  # 0 where masked
+    b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0)
+    if HAS_G_SUMZ:
+        b_dz += b_gs
+    if HAS_G_ENT:
+        b_dz -= b_ge * b_p * (b_z - b_pz)
+    b_dx = b_dz * inv_temp
+    if HAS_SOFTCAP:
+        b_dx = b_dx * (1.0 - b_th * b_th)
+    return b_dx
+
+
+@triton.jit
 def _lce_dlogits(
     b_x, b_y, o_v, m_v, m_n, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, softcap, inv_temp,
     HAS_SOFTCAP: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
@@ -108,15 +173,10 @@ def _lce_dlogits(
     """dL/dx for a ``[BLOCK_N, BLOCK_V]`` tile of raw logits ``b_x`` (fp32); 0 on masked rows / columns."""
     b_z, b_t = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
     m_nv = m_n[:, None] & m_v[None, :]
-    b_p = tl.exp(tl.where(m_nv, b_z - b_lse[:, None], float("-inf")))  # [BLOCK_N, BLOCK_V], 0 where masked
-    b_dz = b_gl[:, None] * b_p + tl.where(o_v[None, :] == b_y[:, None], b_gt[:, None], 0.0)
-    if HAS_G_SUMZ:
-        b_dz += b_gs[:, None]
-    if HAS_G_ENT:
-        b_dz -= b_ge[:, None] * b_p * (b_z - b_pz[:, None])
-    b_dx = b_dz * inv_temp
-    if HAS_SOFTCAP:
-        b_dx = b_dx * (1.0 - b_t * b_t)
+    b_dx = _lce_dx(
+        b_z, b_t, m_nv, o_v[None, :], b_y[:, None], b_lse[:, None], b_gl[:, None], b_gt[:, None], b_gs[:, None],
+        b_ge[:, None], b_pz[:, None], inv_temp, HAS_SOFTCAP, HAS_G_SUMZ, HAS_G_ENT,
+    )  # [BLOCK_N, BLOCK_V]
     return tl.where(m_nv, b_dx, 0.0)
 
 
@@ -164,20 +224,10 @@ def _lce_stats_fwd_kernel(
         if HAS_BIAS:
             b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
         b_z, _ = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
-        b_zm = tl.where(m_v[None, :], b_z, float("-inf"))
-        b_t += tl.sum(tl.where(o_v[None, :] == b_y[:, None], b_z, 0.0), axis=1)
-        if RETURN_SUMZ:
-            b_sz += tl.sum(tl.where(m_v[None, :], b_z, 0.0), axis=1)
-        b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=1))
-        b_alpha = tl.exp(b_m - b_m_new)
-        b_e = tl.exp(b_zm - b_m_new[:, None])  # 0 on masked columns
-        if RETURN_ENTROPY:
-            b_shift = tl.where(b_s > 0, b_m - b_m_new, 0.0)  # avoid (-inf) * 0 on the first tile
-            b_a = b_alpha * (b_a + b_shift * b_s) + tl.sum(
-                b_e * tl.where(m_v[None, :], b_z - b_m_new[:, None], 0.0), axis=1
-            )
-        b_s = b_s * b_alpha + tl.sum(b_e, axis=1)
-        b_m = b_m_new
+        b_m, b_s, b_a, b_t, b_sz = _lce_online_stats(
+            b_z, m_v[None, :], o_v[None, :], b_y[:, None], b_m, b_s, b_a, b_t, b_sz,
+            1, True, RETURN_SUMZ, RETURN_ENTROPY,
+        )
     b_lse = b_m + tl.log(b_s)
     b_lse = tl.maximum(b_lse, b_t)  # rounding can never make the cross-entropy negative
     tl.store(lse + o_n, tl.where(m_n, b_lse, 0.0), mask=m_r)
@@ -214,6 +264,26 @@ def _lce_load_row_coefs(
 
 
 @triton.jit
+def _lce_acc_slab(
+    acc, o_a, m_a, stride_a, b_g, x, o_x, m_x, stride_xr, stride_xd, D,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``acc[o_a, :] += b_g · x[o_x, :]`` over ``D`` in ``BLOCK_D`` tiles: ``acc`` fp32 (row stride ``stride_a``)."""
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        p_x = x + o_x[:, None].to(tl.int64) * stride_xr + o_d[None, :] * stride_xd  # int64: V·D may pass 2^31
+        b_x = tl.load(p_x, mask=m_x[:, None] & m_d[None, :], other=0.0)  # [len(o_x), BLOCK_D]
+        if UPCAST:
+            b_x = b_x.to(tl.float32)
+        p_a = acc + o_a[:, None] * stride_a + o_d[None, :]
+        m_ad = m_a[:, None] & m_d[None, :]
+        b_acc = tl.load(p_a, mask=m_ad, other=0.0)  # fp32 [len(o_a), BLOCK_D]
+        b_acc = tl.dot(b_g, b_x, b_acc, input_precision=DOT_PRECISION)
+        tl.store(p_a, b_acc, mask=m_ad)
+
+
+@triton.jit
 def _lce_bwd_dh_kernel(
     h, w, b, y, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, dh,
     N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, ignore_index, softcap, inv_temp,
@@ -247,18 +317,9 @@ def _lce_bwd_dh_kernel(
         )  # [BLOCK_N, BLOCK_V] fp32
         if not UPCAST:
             b_dx = b_dx.to(w.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
-            p_w = w + o_v[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd
-            b_w = tl.load(p_w, mask=m_v[:, None] & m_d[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
-            if UPCAST:
-                b_w = b_w.to(tl.float32)
-            p_dh = dh + o_n[:, None] * stride_dhn + o_d[None, :]
-            m_dh = m_n[:, None] & m_d[None, :]
-            b_dh = tl.load(p_dh, mask=m_dh, other=0.0)  # fp32 [BLOCK_N, BLOCK_D]
-            b_dh = tl.dot(b_dx, b_w, b_dh, input_precision=DOT_PRECISION)
-            tl.store(p_dh, b_dh, mask=m_dh)
+        _lce_acc_slab(  # dh[rows] += dx · W[o_v]
+            dh, o_n, m_n, stride_dhn, b_dx, w, o_v, m_v, stride_wv, stride_wd, D, UPCAST, DOT_PRECISION, BLOCK_D
+        )
 
 
 @triton.jit
@@ -301,18 +362,9 @@ def _lce_bwd_dw_kernel(
             b_dxt = tl.trans(b_dx)  # [BLOCK_V, BLOCK_N]
             if not UPCAST:
                 b_dxt = b_dxt.to(h.dtype.element_ty)
-            for d0 in range(0, D, BLOCK_D):
-                o_d = d0 + tl.arange(0, BLOCK_D)
-                m_d = o_d < D
-                p_h = h + o_n[:, None] * stride_hn + o_d[None, :] * stride_hd
-                b_h = tl.load(p_h, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-                if UPCAST:
-                    b_h = b_h.to(tl.float32)
-                p_dw = dw + o_v[:, None] * stride_dwv + o_d[None, :]
-                m_dw = m_v[:, None] & m_d[None, :]
-                b_dw = tl.load(p_dw, mask=m_dw, other=0.0)  # fp32 [BLOCK_V, BLOCK_D]
-                b_dw = tl.dot(b_dxt, b_h, b_dw, input_precision=DOT_PRECISION)
-                tl.store(p_dw, b_dw, mask=m_dw)
+            _lce_acc_slab(  # dW[o_v] += dxᵀ · h[rows]
+                dw, o_v, m_v, stride_dwv, b_dxt, h, o_n, m_n, stride_hn, stride_hd, D, UPCAST, DOT_PRECISION, BLOCK_D
+            )
     if NEED_DB:
         tl.store(db + o_v, b_db, mask=m_v)
 
@@ -340,17 +392,10 @@ def _lce_chunk_row_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_z, _ = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
-        b_zm = tl.where(m_v, b_z, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=0))
-        b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_zm - b_m_new), axis=0)
-        b_t += tl.sum(tl.where(o_v == b_y, b_z, 0.0), axis=0)
-        if HAS_SMOOTHING:
-            b_sz += tl.sum(tl.where(m_v, b_z, 0.0), axis=0)
-        b_m = b_m_new
+        b_z, _ = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        b_m, b_s, _, b_t, b_sz = _lce_online_stats(
+            b_z, m_v, o_v, b_y, b_m, b_s, 0.0, b_t, b_sz, 0, True, HAS_SMOOTHING, False
+        )
     b_lse = tl.maximum(b_m + tl.log(b_s), b_t)
     b_loss = (1.0 - eps) * (b_lse - b_t) + z_loss * b_lse * b_lse
     if HAS_SMOOTHING:
@@ -364,15 +409,10 @@ def _lce_chunk_row_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_z, b_th = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
-        b_p = tl.exp(tl.where(m_v, b_z - b_lse, float("-inf")))
-        b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0) + b_gs  # target entry formed in fp32
-        b_dx = b_dz * inv_temp
-        if HAS_SOFTCAP:
-            b_dx = b_dx * (1.0 - b_th * b_th)
+        b_z, b_th = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        b_dx = _lce_dx(
+            b_z, b_th, m_v, o_v, b_y, b_lse, b_gl, b_gt, b_gs, 0.0, 0.0, inv_temp, HAS_SOFTCAP, True, False
+        )  # dz = g_lse p + g_tgt [v = y] + g_sumz
         b_dx = tl.where(b_active, b_dx, 0.0)  # exact zeros for ignored rows, whatever their logits
         tl.store(dx + i_n * stride_dxn + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)  # may alias x (in place)
 
@@ -400,19 +440,10 @@ def _lce_chunk_bwd_row_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_z, _ = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
-        b_zm = tl.where(m_v, b_z, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=0))
-        b_alpha = tl.exp(b_m - b_m_new)
-        b_e = tl.exp(b_zm - b_m_new)
-        if HAS_G_ENT:
-            b_shift = tl.where(b_s > 0, b_m - b_m_new, 0.0)
-            b_a = b_alpha * (b_a + b_shift * b_s) + tl.sum(b_e * tl.where(m_v, b_z - b_m_new, 0.0), axis=0)
-        b_s = b_s * b_alpha + tl.sum(b_e, axis=0)
-        b_m = b_m_new
+        b_z, _ = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        b_m, b_s, b_a, _, _ = _lce_online_stats(
+            b_z, m_v, o_v, b_y, b_m, b_s, b_a, 0.0, 0.0, 0, False, False, HAS_G_ENT
+        )
     b_lse = b_m + tl.log(b_s)
     b_pz = b_m + b_a / b_s  # Σ p z
     b_gl = tl.load(g_lse + i_n) if HAS_G_LSE else 0.0
@@ -423,17 +454,10 @@ def _lce_chunk_bwd_row_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        b_x = tl.load(p_x + o_v, mask=m_v, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_z, b_th = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
-        b_p = tl.exp(tl.where(m_v, b_z - b_lse, float("-inf")))
-        b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0) + b_gs
-        if HAS_G_ENT:
-            b_dz -= b_ge * b_p * (b_z - b_pz)
-        b_dx = b_dz * inv_temp
-        if HAS_SOFTCAP:
-            b_dx = b_dx * (1.0 - b_th * b_th)
+        b_z, b_th = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+        b_dx = _lce_dx(
+            b_z, b_th, m_v, o_v, b_y, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, inv_temp, HAS_SOFTCAP, True, HAS_G_ENT
+        )
         tl.store(p_dx + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)
 
 

@@ -16,6 +16,9 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,7 +27,27 @@ from .api import TokenLogprobs, linear_cross_entropy, token_logprobs
 __all__ = ["LinearCrossEntropyLoss", "LinearTokenLogprobs"]
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class OptionsModule(nn.Module):
+    """An ``nn.Module`` holding keyword options of a functional as attributes, named in ``_OPTIONS`` (in order).
+
+    :meth:`_store_options` sets them from a constructor's arguments, :meth:`_options` reads them back as keyword
+    arguments, and ``extra_repr`` lists them (strings quoted).
+    """
+
+    _OPTIONS: tuple[str, ...] = ()
+
+    def _store_options(self, values: Mapping[str, Any]) -> None:
+        for name in self._OPTIONS:
+            setattr(self, name, values[name])
+
+    def _options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._OPTIONS}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in self._options().items())
+
+
+class LinearCrossEntropyLoss(OptionsModule):
     """Cross-entropy straight from hidden states and an LM-head weight, never holding ``[N, V]`` logits.
 
     Holds the keyword options of :func:`~t3s_kernels.linear_cross_entropy`; ``forward`` takes the per-call
@@ -43,6 +66,11 @@ class LinearCrossEntropyLoss(nn.Module):
         strategy: backend strategy (``"auto"`` picks per call).
     """
 
+    _OPTIONS = (
+        "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "temperature", "shift", "return_lse",
+        "impl", "strategy",
+    )
+
     def __init__(
         self,
         *,
@@ -58,16 +86,7 @@ class LinearCrossEntropyLoss(nn.Module):
         strategy: str = "auto",
     ) -> None:
         super().__init__()
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.temperature = temperature
-        self.shift = shift
-        self.return_lse = return_lse
-        self.impl = impl
-        self.strategy = strategy
+        self._store_options(locals())
 
     def forward(
         self,
@@ -80,33 +99,11 @@ class LinearCrossEntropyLoss(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``hidden [..., D]``, ``weight [V, D]``, ``targets [...]`` int64 → loss (and ``lse`` if asked)."""
         return linear_cross_entropy(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            token_weight=token_weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            normalizer=normalizer,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            temperature=self.temperature,
-            shift=self.shift,
-            return_lse=self.return_lse,
-            impl=self.impl,
-            strategy=self.strategy,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-            f"z_loss={self.z_loss}, softcap={self.softcap}, temperature={self.temperature}, shift={self.shift}, "
-            f"return_lse={self.return_lse}, impl={self.impl!r}, strategy={self.strategy!r}"
+            hidden, weight, targets, bias=bias, token_weight=token_weight, normalizer=normalizer, **self._options()
         )
 
 
-class LinearTokenLogprobs(nn.Module):
+class LinearTokenLogprobs(OptionsModule):
     """Per-token log-probs (and optionally entropy / LSE) from hidden states and an LM-head weight.
 
     Holds the keyword options of :func:`~t3s_kernels.token_logprobs`; ``forward`` returns its
@@ -121,6 +118,8 @@ class LinearTokenLogprobs(nn.Module):
         impl: ``"auto" | "triton" | "reference"``.
     """
 
+    _OPTIONS = ("ignore_index", "softcap", "temperature", "return_entropy", "return_lse", "impl")
+
     def __init__(
         self,
         *,
@@ -132,12 +131,7 @@ class LinearTokenLogprobs(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.ignore_index = ignore_index
-        self.softcap = softcap
-        self.temperature = temperature
-        self.return_entropy = return_entropy
-        self.return_lse = return_lse
-        self.impl = impl
+        self._store_options(locals())
 
     def forward(
         self,
@@ -147,21 +141,4 @@ class LinearTokenLogprobs(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> TokenLogprobs:
         """``hidden [..., D]``, ``weight [V, D]``, ``targets [...]`` int64 → ``TokenLogprobs``."""
-        return token_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            ignore_index=self.ignore_index,
-            softcap=self.softcap,
-            temperature=self.temperature,
-            return_entropy=self.return_entropy,
-            return_lse=self.return_lse,
-            impl=self.impl,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, softcap={self.softcap}, temperature={self.temperature}, "
-            f"return_entropy={self.return_entropy}, return_lse={self.return_lse}, impl={self.impl!r}"
-        )
+        return token_logprobs(hidden, weight, targets, bias=bias, **self._options())

@@ -33,7 +33,8 @@ def _eval_equations(text: str) -> list[tuple[str, int]]:
 
 
 def test_generator_is_deterministic_and_seed_dependent():
-    a, b, c = make_datasets(0, n_train=50, n_heldout=20), make_datasets(0, n_train=50, n_heldout=20), make_datasets(1, n_train=50, n_heldout=20)
+    a, b = make_datasets(0, n_train=50, n_heldout=20), make_datasets(0, n_train=50, n_heldout=20)
+    c = make_datasets(1, n_train=50, n_heldout=20)
     assert a == b
     assert a["train_b"] != c["train_b"]
     s1, s2 = pretrain_stream(3, SMALL), pretrain_stream(3, SMALL)
@@ -78,7 +79,8 @@ def test_heldout_disjoint_from_training_and_pretraining():
     stream = pretrain_stream(0, spec)
     assert not held & {next(stream)[0] for _ in range(5000)}
     rng = random.Random(0)
-    frac = sum(is_heldout(Problem(rng.randint(10, 99), "+", rng.randint(10, 99), "+", 1), spec) for _ in range(4000)) / 4000
+    probs = [Problem(rng.randint(10, 99), "+", rng.randint(10, 99), "+", 1) for _ in range(4000)]
+    frac = sum(is_heldout(p, spec) for p in probs) / len(probs)
     assert 0.05 < frac < 0.15
 
 
@@ -89,7 +91,6 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
 
     tok = build_tokenizer(SMALL)
     d = make_datasets(0, SMALL, n_train=20, n_heldout=5)
-    rng = random.Random(0)
     stream = pretrain_stream(0, SMALL)
     texts = [r["response"] for r in d["train_b"] + d["train_a"]] + [next(stream)[1] for _ in range(50)]
     for t in texts:
@@ -118,7 +119,6 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
     assert full[len(pre) : -1] == tok2(r["response"], add_special_tokens=False)["input_ids"]
     assert tok2.decode(full) == text
     assert all(tok2.unk_token_id != i for i in full)
-    _ = rng
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
