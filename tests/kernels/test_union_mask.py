@@ -22,23 +22,9 @@ from t3s_kernels.block_diffusion import (
 from t3s_kernels.block_diffusion import kernels as bd_kernels
 from t3s_kernels.block_diffusion.reference import philox_uniform
 
-FIELDS = ("noisy_ids", "loss_weight", "code", "t", "block_ptr", "block_counts", "doc_counts", "doc_weight_sum",
-          "targets_dropped")  # fmt: skip
+from _union_mask_compare import assert_same
+
 MASK = 999
-
-
-def assert_same(a, b):
-    for name in FIELDS:
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype, name
-        if name == "doc_weight_sum":  # a float sum: CUDA's index_add may add in another order
-            torch.testing.assert_close(x.cpu(), y.cpu(), rtol=1e-6, atol=0)
-        else:
-            assert torch.equal(x.cpu(), y.cpu()), name
-    assert (a.complement is None) == (b.complement is None)
-    if a.complement is not None:
-        for x, y in zip(a.complement, b.complement):
-            assert torch.equal(x.cpu(), y.cpu())
 
 
 def padded_batch(B=3, L=37, prompt=5, pad_row=1, pad_from=30, rho=0.2, seed=0, dtype=torch.int64, device="cpu"):

@@ -12,7 +12,8 @@ from t3s_kernels._triton import HAS_TRITON
 from t3s_kernels.block_diffusion import block_diffusion_union_mask
 from t3s_kernels.block_diffusion import cpu as bd_cpu
 
-FIELDS = ("noisy_ids", "loss_weight", "code", "t", "block_counts", "doc_counts", "doc_weight_sum", "targets_dropped")
+from _union_mask_compare import assert_same
+
 MASK = 7
 
 
@@ -36,19 +37,6 @@ def batch(seed, B=3, L=45):
     return ids, maskable, valid, targets
 
 
-def same(a, b):
-    for f in FIELDS:
-        x, y = getattr(a, f), getattr(b, f)
-        assert x.dtype == y.dtype, f
-        if f == "doc_weight_sum":  # a float sum: CUDA's index_add may add in another order
-            torch.testing.assert_close(x.cpu(), y.cpu(), rtol=1e-6, atol=0)
-        else:
-            assert torch.equal(x.cpu(), y.cpu()), f
-    if a.complement is not None:
-        for x, y in zip(a.complement, b.complement):
-            assert torch.equal(x.cpu(), y.cpu())
-
-
 SETTINGS = [
     dict(seed=0, step=0, block_size=4),
     dict(seed=1, step=17, block_size=5, t_mode="per_sequence", complementary=True, eps_max=0.95),
@@ -61,13 +49,13 @@ SETTINGS = [
 def test_cpp_equals_reference(cpp_op, kw):
     ids, maskable, valid, targets = batch(kw["seed"] % 1000)
     common = dict(mask_token_id=MASK, targets=targets, valid=valid, **kw)
-    same(block_diffusion_union_mask(ids, maskable, **common, impl="reference"),
+    assert_same(block_diffusion_union_mask(ids, maskable, **common, impl="reference"),
          block_diffusion_union_mask(ids, maskable, **common, impl="cpp"))  # fmt: skip
     # int32 ids and "auto" on CPU take the C++ op too
     ids32 = ids.to(torch.int32)
     auto = block_diffusion_union_mask(ids32, maskable, **common)
     assert auto.noisy_ids.dtype == torch.int32
-    same(auto, block_diffusion_union_mask(ids32, maskable, **common, impl="reference"))
+    assert_same(auto, block_diffusion_union_mask(ids32, maskable, **common, impl="reference"))
 
 
 @pytest.mark.triton
@@ -80,7 +68,7 @@ def test_cpp_equals_triton(cpp_op, kw, device):
     c = block_diffusion_union_mask(ids, maskable, targets=targets, valid=valid, **common, impl="cpp")
     t = block_diffusion_union_mask(ids.to(device), maskable.to(device), targets=targets.to(device),
                                    valid=valid.to(device), **common, impl="triton")  # fmt: skip
-    same(c, t)
+    assert_same(c, t)
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
@@ -92,7 +80,7 @@ def test_cpp_packed_splits(cpp_op, split):
     kw = dict(block_size=4, mask_token_id=MASK, sampler="iid", seed=42, step=6, impl="cpp")
     full = block_diffusion_union_mask(ids, maskable, targets=targets, cu_seqlens=cu, **kw)
     ref = block_diffusion_union_mask(ids, maskable, targets=targets, cu_seqlens=cu, **{**kw, "impl": "reference"})
-    same(full, ref)
+    assert_same(full, ref)
     bounds = {1: [0, 5], 2: [0, 2, 5], 3: [0, 1, 3, 5]}[split]
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -112,7 +100,7 @@ def test_fallback_without_compiler(monkeypatch):
     kw = dict(block_size=4, mask_token_id=MASK, targets=targets, valid=valid, seed=8)
     with pytest.warns(RuntimeWarning, match="pure-PyTorch reference"):
         out = block_diffusion_union_mask(ids, maskable, **kw)
-    same(out, block_diffusion_union_mask(ids, maskable, **kw, impl="reference"))
+    assert_same(out, block_diffusion_union_mask(ids, maskable, **kw, impl="reference"))
     with pytest.raises(RuntimeError, match="cpp"):
         block_diffusion_union_mask(ids, maskable, **kw, impl="cpp")
 
@@ -131,4 +119,4 @@ def test_cuda_kernel_equals_cpp_large(cpp_op):
     kw = dict(block_size=32, mask_token_id=MASK, seed=2024, step=5, complementary=True, eps_max=0.99)
     c = block_diffusion_union_mask(ids, maskable, targets=targets, valid=valid, **kw, impl="cpp")
     t = block_diffusion_union_mask(ids.cuda(), maskable.cuda(), targets=targets.cuda(), valid=valid.cuda(), **kw)
-    same(c, t)
+    assert_same(c, t)
