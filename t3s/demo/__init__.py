@@ -31,7 +31,7 @@ DEMO_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "demo.ya
 DESCRIPTION = (
     "Synthetic three-operand arithmetic (operands {lo}-{hi}, + and -). The student is a tiny {arch} "
     "({params:,} parameters, {layers} layers, width {hidden}, word-level vocabulary of {vocab}) pretrained on "
-    "teacher A's terse style ('25+17=42,42-19=23.####23') to {acc:.0%} held-out greedy accuracy; it is then "
+    "teacher A's terse style ('25+17=42,42-19=23.####23') to {acc:.1%} held-out greedy accuracy; it is then "
     "continually distilled on {n_train} traces of teacher B's verbose style ('Let me think step by step. First, "
     "25+17=42. Next, 42-19=23. Check: 23+19=42, correct. So the answer is \\boxed{{23}}'): same equations, a "
     "wrapper of words, an extra verification step and a different answer marker. Held-out problems "
@@ -127,7 +127,7 @@ def prepare_demo(
             net.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             write_json_atomic(tmp / ".done.json", info)
-        log(f"demo: base model ready, held-out accuracy {acc:.2f} ({summary['seconds']:.0f}s)")
+        log(f"demo: base model ready, held-out accuracy {acc:.3f} ({summary['seconds']:.0f}s)")
 
     desc = DESCRIPTION.format(
         lo=task.lo,
