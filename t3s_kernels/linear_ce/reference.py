@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["ReferenceStats", "reference_token_stats", "reference_chunk_rows"]
 
 # Keep one [chunk, V] logits block (fp32) at or below this many bytes.
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 16 * 2**20  # ~5 such temporaries live at once (x, z, exp, p, p*z): ~80 MiB peak
 
 
 class ReferenceStats(NamedTuple):
@@ -83,7 +83,7 @@ def reference_token_stats(
 
     Args:
         hidden: ``[N, D]`` float. weight: ``[V, D]``. targets: ``[N]`` integer. bias: ``[V]`` or ``None``.
-        chunk_rows: rows per chunk (default: one fp32 ``[chunk, V]`` block ≤ 64 MiB).
+        chunk_rows: rows per chunk (default: one fp32 ``[chunk, V]`` block ≤ 16 MiB).
 
     Returns:
         :class:`ReferenceStats` of ``[N]`` tensors in fp32 (fp64 when the inputs are fp64); ``sumz`` / ``entropy``
