@@ -57,18 +57,20 @@ def demo_config(overrides: list[str]):
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from t3s.demo import PretrainSpec, TaskSpec, TinyModelSpec, prepare_demo
-    from t3s.pipeline import run_pipeline
+    from t3s.pipeline import check_resumable, run_pipeline
     from t3s.report import format_table
 
     cfg = demo_config(args.overrides)
+    asset_keys = ("model.path", "model.tokenizer", "data.train", "data.heldout")
+    check_resumable(cfg.run_dir, cfg, ignore=asset_keys)  # before pretraining can overwrite the run's θ0
     kw = dict(cfg.demo)
     for key, cls in (("task", TaskSpec), ("model", TinyModelSpec), ("pretrain_spec", PretrainSpec)):
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     assets = prepare_demo(cfg.run_dir, **kw)
     explicit = {o.split("=", 1)[0] for o in args.overrides}
-    for key, value in (("model.path", assets.base_model_dir), ("model.tokenizer", assets.tokenizer_dir),
-                       ("data.train", assets.train_path), ("data.heldout", assets.heldout_path)):
+    for key, value in zip(asset_keys, (assets.base_model_dir, assets.tokenizer_dir, assets.train_path,
+                                       assets.heldout_path)):
         if key not in explicit:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, str(value))

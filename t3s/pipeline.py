@@ -42,6 +42,44 @@ from t3s.io import mark_stage_done, read_json, stage_done, write_json_atomic, wr
 SELECTION_VARIANTS = ("t3s", "neg_t3s", "static_high_conf", "static_low_conf", "random")
 
 
+# Keys a re-run may change without invalidating finished stages: new variants are new stages.
+RESUMABLE_CHANGES = ("variants",)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(run_dir: str | Path, cfg: Config, *, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to resume ``run_dir`` with a config other than the one its finished stages were made with.
+
+    Reusing those stages would attribute old results to the new settings. Only ``variants`` may change;
+    ``ignore`` names dotted keys filled in later by the caller (the demo fills in its asset paths).
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    import yaml
+
+    old = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    new = _flatten(to_dict(cfg))
+    skip = set(RESUMABLE_CHANGES) | set(ignore)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in skip)
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ValueError(
+            f"run_dir {run_dir} holds a run made with a different config ({shown}{more}); its finished stages would "
+            "not match the new settings. Use another run_dir=..., or delete that folder to start over."
+        )
+
+
 def _gold_checker(verifier: Callable[[str, str], bool]) -> Callable[[str, object], bool]:
     """A gold answer may be a list of accepted answers."""
     def check(completion: str, gold) -> bool:
@@ -196,17 +234,8 @@ class Pipeline:
         return self.run_dir / "report" / "report.md"
 
     def _check_config(self) -> None:
-        path = self.run_dir / "config.yaml"
-        if path.exists():
-            import yaml
-
-            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            new = to_dict(self.cfg)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if diff:
-                self.log(f"[t3s] warning: {path} differs from this config in {', '.join(diff)}; finished stages "
-                         "are kept (delete their markers in .stages/ to redo them)")
-        write_text_atomic(path, to_yaml(self.cfg))
+        check_resumable(self.run_dir, self.cfg)
+        write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
 
     def stage_trajectory(self) -> dict:
         """Baseline SFT from θ0 with training accuracy; θb is kept in trajectory/bottleneck."""

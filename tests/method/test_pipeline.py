@@ -8,7 +8,8 @@ from _tiny import make_tiny, tiny_config
 
 from t3s.cli import main
 from t3s.io import stage_done
-from t3s.pipeline import Pipeline, run_pipeline
+from t3s.config import load_config
+from t3s.pipeline import Pipeline, check_resumable, run_pipeline
 
 VARIANTS = "variants=[sft,t3s,neg_t3s,static_low_conf,rrt]"
 
@@ -133,3 +134,12 @@ def test_clear_errors_for_bad_data(root, tmp_path):
         run_pipeline(tiny_config(root, tmp_path / "run2", f"data.train={nohead}"), progress=False, log=lambda s: None)
     with pytest.raises(ValueError, match="train.mode=ar"):
         run_pipeline(tiny_config(root, tmp_path / "run3", "train.mode=dllm"), progress=False, log=lambda s: None)
+
+
+def test_resuming_with_a_changed_config_is_refused(clean_run, capsys):
+    run, _ = clean_run
+    with pytest.raises(ValueError, match=r"optim\.lr.*another run_dir"):
+        check_resumable(run, load_config(run / "config.yaml", ["optim.lr=0.123"]))
+    check_resumable(run, load_config(run / "config.yaml", ["variants=[sft,t3s]"]))  # new variants only: fine
+    assert main(["run", str(run / "config.yaml"), "optim.lr=0.123", "--no-progress"]) != 0
+    assert "different config" in capsys.readouterr().err
