@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 cols = {"batch": B, "ids": name, "tokens": B * L}
                 rows.append(bandwidth_row({**base, "case": "kernel", **cols}, run, device, nbytes, copy_gbs))
                 ids, maskable, valid, targets = inputs
-                api = lambda: block_diffusion_union_mask(  # noqa: E731
+                api = lambda ids=ids, maskable=maskable, targets=targets, valid=valid: block_diffusion_union_mask(  # noqa: E731
                     ids, maskable, targets=targets, valid=valid, block_size=bs, mask_token_id=156895, seed=1, step=2
                 )
                 rows.append(bandwidth_row({**base, "case": "api", **cols}, api, device, nbytes, copy_gbs))
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         for B in batches:
             ids, maskable, valid, targets = make_inputs(B, L, device)
             for impl in ("cpp", "reference"):
-                fn = lambda impl=impl: block_diffusion_union_mask(  # noqa: E731
-                    ids, maskable, targets=targets, valid=valid, block_size=bs, mask_token_id=156895, impl=impl
+                fn = lambda impl=impl, ids=ids, maskable=maskable, targets=targets, valid=valid: (  # noqa: E731
+                    block_diffusion_union_mask(ids, maskable, targets=targets, valid=valid, block_size=bs,
+                                               mask_token_id=156895, impl=impl)
                 )
                 t, status = guarded(lambda fn=fn: time_ms(fn, device=device, budget_ms=300, max_rep=10))
                 row = {**base, "case": impl, "batch": B, "ids": "int64", "tokens": B * L, "status": status}

@@ -24,7 +24,7 @@ SUBSETS = ("anchor_easy", "anchor_hard", "other_easy", "other_hard")
 
 def _batches(examples: Sequence[TokenizedExample], masks: Sequence[Sequence[bool]] | None, pad: int, size: int):
     for i in range(0, len(examples), size):
-        batch = collate([e for e in examples[i : i + size]], pad)
+        batch = collate(list(examples[i : i + size]), pad)
         if masks is not None:
             m = torch.zeros_like(batch["labels"], dtype=torch.bool)
             for r, mask in enumerate(masks[i : i + size]):

@@ -102,7 +102,7 @@ class DLLMConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> DLLMConfig:
         d = dict(d or {})
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown dllm option(s) {unknown}; known: {sorted(known)}")

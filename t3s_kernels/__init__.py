@@ -8,20 +8,20 @@ union masking. Every public op takes ``impl="auto" | "triton" | "reference"``.
 
 __version__ = "0.1.0"
 
-from t3s_kernels.linear_ce import (  # noqa: E402
-    LinearCrossEntropyLoss,
-    LinearTokenLogprobs,
-    TokenLogprobs,
-    linear_cross_entropy,
-    token_logprobs,
-)
-from t3s_kernels.hf import FusedLossCausalLM  # noqa: E402
 from t3s_kernels.block_diffusion import (  # noqa: E402
     UnionMaskOutput,
     block_diffusion_attention_mask,
     block_diffusion_block_mask,
     block_diffusion_mask_mod,
     block_diffusion_union_mask,
+)
+from t3s_kernels.hf import FusedLossCausalLM  # noqa: E402
+from t3s_kernels.linear_ce import (  # noqa: E402
+    LinearCrossEntropyLoss,
+    LinearTokenLogprobs,
+    TokenLogprobs,
+    linear_cross_entropy,
+    token_logprobs,
 )
 
 __all__ = [

@@ -78,6 +78,9 @@ class TaskSpec:
         return 3 * self.hi
 
 
+DEFAULT_TASK = TaskSpec()
+
+
 def is_heldout(p: Problem, spec: TaskSpec) -> bool:
     h = int.from_bytes(hashlib.sha256(p.key.encode()).digest()[:8], "big")
     return h % 100 < spec.heldout_percent
@@ -157,7 +160,7 @@ def record(p: Problem, response: str, *, prefix: str) -> dict:
 
 def make_datasets(
     seed: int = 0,
-    spec: TaskSpec = TaskSpec(),
+    spec: TaskSpec = DEFAULT_TASK,
     *,
     n_train: int = 200,
     n_heldout: int = 200,

@@ -13,7 +13,7 @@ Built offline, saved with ``save_pretrained`` and reloaded with ``AutoTokenizer.
 
 from __future__ import annotations
 
-from t3s.demo.task import TaskSpec, all_texts_for_vocab
+from t3s.demo.task import DEFAULT_TASK, TaskSpec, all_texts_for_vocab
 
 SPLIT_PATTERN = r"####|\\boxed\{| ?[A-Za-z]+|\d+|\s|[^\sA-Za-z\d]"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -36,7 +36,7 @@ def _pre_tokenizer():
     return pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
 
 
-def build_vocab(spec: TaskSpec = TaskSpec(), extra_texts=()) -> list[str]:
+def build_vocab(spec: TaskSpec = DEFAULT_TASK, extra_texts=()) -> list[str]:
     """The closed vocabulary: special tokens first, then every pre-token of the task's texts, sorted."""
     pre = _pre_tokenizer()
     pieces: set[str] = set()
@@ -46,7 +46,7 @@ def build_vocab(spec: TaskSpec = TaskSpec(), extra_texts=()) -> list[str]:
     return [*SPECIAL_TOKENS, *sorted(pieces)]
 
 
-def build_tokenizer(spec: TaskSpec = TaskSpec(), extra_texts=()):
+def build_tokenizer(spec: TaskSpec = DEFAULT_TASK, extra_texts=()):
     """A ``PreTrainedTokenizerFast`` with bos/eos/pad/unk and a chat template."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast

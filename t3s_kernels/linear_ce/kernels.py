@@ -40,7 +40,7 @@ import os
 
 import torch
 
-from .._triton import interpreting, triton, tl
+from .._triton import interpreting, tl, triton
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",

@@ -13,9 +13,9 @@ import pytest
 import torch
 from _lce_oracle import grads_of, naive_ce
 
-from t3s_kernels.linear_ce import linear_cross_entropy
 from t3s_kernels.linear_ce import function as lce_function
 from t3s_kernels.linear_ce import kernels as lce_kernels
+from t3s_kernels.linear_ce import linear_cross_entropy
 from t3s_kernels.testing import assert_close_to_oracle
 
 F64 = torch.float64

@@ -106,9 +106,8 @@ def test_no_grad_is_forward_only(impl, monkeypatch, poison_empty):
     monkeypatch.setattr(lce_function.LinearTokenStatsFunction, "apply",
                         lambda *a, **k: pytest.fail("autograd Function used under no_grad"))
     packed = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-        with torch.no_grad():
-            out = token_logprobs(hg, Wg, y, bias=b, return_entropy=True, return_lse=True, impl=impl)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t), torch.no_grad():
+        out = token_logprobs(hg, Wg, y, bias=b, return_entropy=True, return_lse=True, impl=impl)
     assert packed == []
     assert not any(t.requires_grad for t in out)
     ref = naive_token_logprobs(h, W, y, bias=b)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _union_mask_compare import assert_same
 
 from t3s_kernels._triton import HAS_TRITON
 from t3s_kernels.block_diffusion import (
@@ -21,8 +22,6 @@ from t3s_kernels.block_diffusion import (
 )
 from t3s_kernels.block_diffusion import kernels as bd_kernels
 from t3s_kernels.block_diffusion.reference import philox_uniform
-
-from _union_mask_compare import assert_same
 
 MASK = 999
 

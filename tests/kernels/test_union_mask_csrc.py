@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
+from _union_mask_compare import assert_same
 
 from t3s_kernels._triton import HAS_TRITON
 from t3s_kernels.block_diffusion import block_diffusion_union_mask
 from t3s_kernels.block_diffusion import cpu as bd_cpu
-
-from _union_mask_compare import assert_same
 
 MASK = 7
 

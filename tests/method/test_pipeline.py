@@ -7,8 +7,8 @@ import torch
 from _tiny import make_tiny, tiny_config
 
 from t3s.cli import main
-from t3s.io import stage_done
 from t3s.config import load_config
+from t3s.io import stage_done
 from t3s.pipeline import Pipeline, check_resumable, run_pipeline
 
 VARIANTS = "variants=[sft,t3s,neg_t3s,static_low_conf,rrt]"

@@ -90,7 +90,7 @@ def test_store_format_and_provenance(model, tok, examples, tmp_path):
         assert scores.column("input_ids", row).tolist() == ex.input_ids
         np.testing.assert_allclose(scores.column("logprob", row), expected[row, positions].numpy(), atol=1e-5)
     prov = scores.provenance
-    assert PROVENANCE_KEYS <= set(prov)
+    assert set(prov) >= PROVENANCE_KEYS
     assert prov["dtype"] == "float32" and prov["num_examples"] == len(examples)
     assert prov["chat_template_hash"] is not None and prov["eos_token_ids"] == [tok.eos_token_id]
     assert prov["num_scored_tokens"] == sum(e.num_response_tokens for e in examples)
