@@ -4,11 +4,6 @@ edge cases and argument validation."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from _lce_oracle import grads_of, naive_ce
@@ -265,16 +260,11 @@ def test_chunked_rejects_reduction_none():
 def test_shipped_configs_compile_for_sm90_without_spills():
     """The interpreter cannot see compiler-only errors or register spills: compile every kernel for sm_90 with its
     shipped config (no GPU needed) in a subprocess without TRITON_INTERPRET."""
-    import triton
+    from _aot_compile import has_ptxas, run_subprocess
 
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+    if not has_ptxas():
         pytest.skip("triton's bundled ptxas is not available")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    script = Path(__file__).with_name("_lce_aot_compile.py")
-    r = subprocess.run([sys.executable, str(script), "bf16", "fp32"], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=900)
+    r = run_subprocess("lce", "bf16", "fp32")
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
     assert r.stdout.count("STACK 0") == 10, r.stdout
 

@@ -389,3 +389,19 @@ def test_bench_cpu_smoke(tmp_path):
 
     assert main(["--cpu", "--seq-len", "128", "--batch", "1", "--results-dir", str(tmp_path)]) == 0
     assert (tmp_path / "union_mask.csv").exists()
+
+
+@pytest.mark.triton
+def test_union_mask_kernel_compiles_for_sm90():
+    """The interpreter cannot see compiler-only errors or register spills: compile the union-mask kernel for sm_90
+    (no GPU needed) in every launcher flag combination we ship, in a subprocess without TRITON_INTERPRET."""
+    from _aot_compile import UNION_MASK_VARIANTS, has_ptxas, run_subprocess
+
+    if not has_ptxas():
+        pytest.skip("triton's bundled ptxas is not available")
+    r = run_subprocess("union_mask", "int64", "int32")
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    for ids in ("int64", "int32"):
+        for v in UNION_MASK_VARIANTS:
+            assert f"_union_mask_fwd_kernel {ids}-{v[0]} REG " in r.stdout, r.stdout
+    assert r.stdout.count("STACK 0") == 2 * len(UNION_MASK_VARIANTS), r.stdout
