@@ -154,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         from t3s.select import select_main
 
         return select_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the flags (`t3s train cfg.yaml --mode dllm train.steps=3`).
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:

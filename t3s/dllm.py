@@ -365,6 +365,21 @@ def _summarise(stats: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
     return out
 
 
+def resolve_dllm_config(cfg: DLLMConfig | dict | None, tokenizer=None) -> DLLMConfig:
+    """``cfg`` as a :class:`DLLMConfig` with ``mask_token_id`` filled from the tokenizer when unset.
+
+    Raises ``ValueError`` when neither gives a mask token, so callers can check before creating any output.
+    """
+    cfg = cfg if isinstance(cfg, DLLMConfig) else DLLMConfig.from_dict(cfg)
+    if cfg.mask_token_id is None:
+        mid = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+        if mid is None:
+            raise ValueError("dllm.mask_token_id is not set and the tokenizer has no mask_token_id; set "
+                             "dllm.mask_token_id=<id of an unused token>")
+        cfg = DLLMConfig(**{**asdict(cfg), "mask_token_id": int(mid)})
+    return cfg
+
+
 def train_dllm(
     model: nn.Module,
     examples: Sequence[Any],
@@ -405,12 +420,7 @@ def train_dllm(
     """
     from t3s.data import collate
 
-    cfg = cfg if isinstance(cfg, DLLMConfig) else DLLMConfig.from_dict(cfg)
-    if cfg.mask_token_id is None:
-        mid = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
-        if mid is None:
-            raise ValueError("dllm.mask_token_id is not set and the tokenizer has no mask_token_id")
-        cfg = DLLMConfig(**{**asdict(cfg), "mask_token_id": int(mid)})
+    cfg = resolve_dllm_config(cfg, tokenizer)
     if not examples:
         raise ValueError("train_dllm: empty dataset")
     if pad_id is None:
@@ -451,7 +461,7 @@ def train_dllm(
             total += out.loss.detach()
             stats.append(out.stats)
         grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else torch.zeros(())
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))  # inf: measure, clip nothing
         )
         opt.step()
         sched.step()

@@ -541,18 +541,19 @@ def run_dllm_training(cfg: Config, examples: Sequence[TokenizedExample], out_dir
     Examples carrying ``target_mask`` (a ``dllm_targets`` selection) get the union mask. Single process.
     Writes ``metrics.jsonl`` and ``final/`` (a Hugging Face checkpoint) under ``out_dir``.
     """
-    from t3s.dllm import train_dllm
+    from t3s.dllm import resolve_dllm_config, train_dllm
 
     if D.launched_distributed():
         raise ValueError("train.mode=dllm runs on a single process (t3s.dllm.train_dllm); launch without torchrun")
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    dllm_cfg = resolve_dllm_config(cfg.dllm, tok)  # fail on a bad dllm config before any output exists
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     lm = load_model(cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                     device=D.device())
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as f:
-        train_dllm(lm, examples, cfg=cfg.dllm, tokenizer=tok, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
+        train_dllm(lm, examples, cfg=dllm_cfg, tokenizer=tok, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
                    micro_batch_size=cfg.train.micro_batch_size, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                    betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps,
                    max_grad_norm=cfg.optim.max_grad_norm, shuffle_seed=cfg.train.seed,

@@ -143,3 +143,11 @@ def test_resuming_with_a_changed_config_is_refused(clean_run, capsys):
     check_resumable(run, load_config(run / "config.yaml", ["variants=[sft,t3s]"]))  # new variants only: fine
     assert main(["run", str(run / "config.yaml"), "optim.lr=0.123", "--no-progress"]) != 0
     assert "different config" in capsys.readouterr().err
+
+
+def test_cli_overrides_may_follow_flags_and_bad_flags_are_errors(clean_run, capsys):
+    run, _ = clean_run
+    assert main(["run", str(run / "config.yaml"), "--no-progress", "optim.lr=0.123"]) == 2  # parsed as override
+    assert "optim.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(run / "config.yaml"), "--bogus"])
