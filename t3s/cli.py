@@ -161,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    ok = False
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        ok = True
+        return rc
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("T3S_TRACEBACK"):
             raise
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from t3s import distributed as D
 
-        D.cleanup()
+        D.cleanup(sync=ok)  # after an error the other ranks may never reach a barrier
 
 
 if __name__ == "__main__":

@@ -122,7 +122,14 @@ def all_true(flag: bool) -> bool:
     return all(all_gather_object(bool(flag)))
 
 
-def cleanup() -> None:
-    """Leave the process group (no-op when none was joined)."""
+def cleanup(*, sync: bool = True) -> None:
+    """Leave the process group (no-op when none was joined).
+
+    ``sync`` first waits for every rank: a gloo rank whose peer has already exited can abort in teardown
+    ("terminate called without an active exception"). Pass ``sync=False`` after an error, when the other ranks
+    may never reach the barrier.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()

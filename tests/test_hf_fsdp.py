@@ -71,9 +71,10 @@ def _worker(rank: int, port: int, queue) -> None:
         queue.put((rank, total.item(), ref_loss.item(), errs, scales))
     except Exception as exc:  # report instead of hanging the parent
         queue.put((rank, repr(exc)))
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    dist.barrier()  # no rank leaves before its peer is done: gloo can abort in teardown otherwise
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
