@@ -16,6 +16,22 @@ __all__ = ["union_mask_triton"]
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _store_view(b_m, b_b, b_r, b_valid, b_wr, b_wt, b_ids, mask_id, noisy_ptr, w_ptr, code_ptr, o_t, m_t):
+        """One view's outputs from its random mask ``b_m`` and the targets ``b_b``: noisy ids, weights, class codes.
+
+        Returns the union mask ``m' = m | b``. Codes: 0 visible, 1 random, 2 random and target, 3 forced target,
+        4 prompt, 5 pad.
+        """
+        b_union = b_m | b_b
+        b_code = tl.where(b_b, tl.where(b_m, 2, 3), tl.where(b_m, 1, 0))
+        b_code = tl.where(b_valid, tl.where(b_r, b_code, 4), 5)
+        b_w = tl.where(b_b, b_wt[:, None], tl.where(b_m, b_wr[:, None], 0.0))
+        tl.store(noisy_ptr + o_t, tl.where(b_union, mask_id, b_ids).to(noisy_ptr.dtype.element_ty), mask=m_t)
+        tl.store(w_ptr + o_t, b_w.to(tl.float32), mask=m_t)
+        tl.store(code_ptr + o_t, b_code.to(tl.uint8), mask=m_t)
+        return b_union
+
     @triton.heuristics(
         {
             "HAS_VALID": lambda args: args["valid_ptr"] is not None,
@@ -91,14 +107,7 @@ if HAS_TRITON:
 
         b_wr = tl.load(wr_ptr + b_blk0 + o_k, mask=m_k, other=0.0)
         b_wt = tl.load(wt_ptr + b_blk0 + o_k, mask=m_k, other=0.0)
-        b_union = b_m | b_b
-        b_code = tl.where(b_b, tl.where(b_m, 2, 3), tl.where(b_m, 1, 0))
-        b_code = tl.where(b_valid, tl.where(b_r, b_code, 4), 5)
-        b_w = tl.where(b_b, b_wt[:, None], tl.where(b_m, b_wr[:, None], 0.0))
-        b_noisy = tl.where(b_union, mask_id, b_ids)
-        tl.store(noisy_ptr + o_t, b_noisy.to(noisy_ptr.dtype.element_ty), mask=m_t)
-        tl.store(w_ptr + o_t, b_w.to(tl.float32), mask=m_t)
-        tl.store(code_ptr + o_t, b_code.to(tl.uint8), mask=m_t)
+        b_union = _store_view(b_m, b_b, b_r, b_valid, b_wr, b_wt, b_ids, mask_id, noisy_ptr, w_ptr, code_ptr, o_t, m_t)
 
         p_cnt = cnt_ptr + (b_blk0 + o_k) * 5  # [NBLK]
         tl.store(p_cnt + 0, tl.sum(b_r.to(tl.int32), axis=1), mask=m_k)
@@ -111,13 +120,8 @@ if HAS_TRITON:
             b_mc = ~b_m & b_r
             b_wrc = tl.load(wrc_ptr + b_blk0 + o_k, mask=m_k, other=0.0)
             b_wtc = tl.load(wtc_ptr + b_blk0 + o_k, mask=m_k, other=0.0)
-            b_union_c = b_mc | b_b
-            b_code_c = tl.where(b_b, tl.where(b_mc, 2, 3), tl.where(b_mc, 1, 0))
-            b_code_c = tl.where(b_valid, tl.where(b_r, b_code_c, 4), 5)
-            b_w_c = tl.where(b_b, b_wtc[:, None], tl.where(b_mc, b_wrc[:, None], 0.0))
-            tl.store(noisy_c_ptr + o_t, tl.where(b_union_c, mask_id, b_ids).to(noisy_c_ptr.dtype.element_ty), mask=m_t)
-            tl.store(w_c_ptr + o_t, b_w_c.to(tl.float32), mask=m_t)
-            tl.store(code_c_ptr + o_t, b_code_c.to(tl.uint8), mask=m_t)
+            b_union_c = _store_view(b_mc, b_b, b_r, b_valid, b_wrc, b_wtc, b_ids, mask_id, noisy_c_ptr, w_c_ptr,
+                                    code_c_ptr, o_t, m_t)
             p_cnt_c = cnt_c_ptr + (b_blk0 + o_k) * 5
             tl.store(p_cnt_c + 0, tl.sum(b_r.to(tl.int32), axis=1), mask=m_k)
             tl.store(p_cnt_c + 1, tl.sum(b_mc.to(tl.int32), axis=1), mask=m_k)
