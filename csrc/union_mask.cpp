@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 namespace {
@@ -100,6 +101,11 @@ void union_mask(const at::Tensor& ids, const at::Tensor& maskable, const c10::op
   TORCH_CHECK(ids.device().is_cpu() && ids.is_contiguous(), "union_mask: ids must be a contiguous CPU tensor");
   TORCH_CHECK(maskable.scalar_type() == at::kByte, "union_mask: maskable must be uint8");
   TORCH_CHECK(block_size > 0, "union_mask: block_size must be positive");
+  // The Python API validates mask_token_id first; this guards direct callers of the op against a silent cast.
+  const int64_t id_max = ids.scalar_type() == at::kLong ? std::numeric_limits<int64_t>::max()
+                                                        : static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+  TORCH_CHECK(mask_token_id >= 0 && mask_token_id <= id_max, "union_mask: mask_token_id=", mask_token_id,
+              " must be a token id in [0, ", id_max, "] for ", ids.scalar_type(), " ids");
   const bool comp = noisy_c.has_value();
   auto ptr_u8 = [](const c10::optional<at::Tensor>& t) -> const uint8_t* {
     return t.has_value() ? t->data_ptr<uint8_t>() : nullptr;

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
 
+from t3s_kernels._guards import reject_meta, reject_transforms
 from t3s_kernels._triton import resolve_impl
 from t3s_kernels.block_diffusion import reference as _ref
 
@@ -72,6 +74,30 @@ def _as_mask(name: str, x: torch.Tensor | None, like: torch.Tensor) -> torch.Ten
     return x.reshape(-1).to(torch.bool).contiguous()
 
 
+def _check_mask_token_id(mask_token_id, ids_dtype: torch.dtype, vocab_size) -> int:
+    """``mask_token_id`` as an int that every backend writes unchanged: an integer (not a bool or a float), in
+    ``[0, vocab_size)`` when ``vocab_size`` is given, and representable in the id dtype."""
+    if isinstance(vocab_size, bool) or (vocab_size is not None and not isinstance(vocab_size, int)):
+        raise TypeError(f"vocab_size must be None or an int, got {type(vocab_size).__name__} {vocab_size!r}")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    not_int = TypeError(f"mask_token_id must be an int token id, got {type(mask_token_id).__name__} {mask_token_id!r}")
+    if isinstance(mask_token_id, bool):  # operator.index would take True as 1
+        raise not_int
+    try:
+        mid = operator.index(mask_token_id)  # ints, numpy / torch integer scalars; a float (3.7) is refused
+    except TypeError:
+        raise not_int from None
+    if mid < 0:
+        raise ValueError(f"mask_token_id must be a token id >= 0, got {mid}")
+    if vocab_size is not None and mid >= vocab_size:
+        raise ValueError(f"mask_token_id={mid} is outside the vocabulary [0, vocab_size={vocab_size})")
+    id_max = torch.iinfo(ids_dtype).max
+    if mid > id_max:
+        raise ValueError(f"mask_token_id={mid} does not fit input_ids' dtype {ids_dtype} (max {id_max})")
+    return mid
+
+
 def _block_weights(t: torch.Tensor, weight_mode: str, target_weight: float):
     one = torch.ones_like(t)
     if weight_mode == "t3s_split":
@@ -87,6 +113,7 @@ def block_diffusion_union_mask(
     *,
     block_size: int,
     mask_token_id: int,
+    vocab_size: int | None = None,
     targets: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -118,7 +145,9 @@ def block_diffusion_union_mask(
             ``cu_seqlens``; tokens past ``cu_seqlens[-1]`` are pad).
         maskable: bool, like ``input_ids``: positions that may be masked (response tokens; ``labels != -100``).
         block_size: diffusion block size (any positive int; 32 for LLaDA2.0).
-        mask_token_id: the ``[MASK]`` id (156895 for LLaDA2.0).
+        mask_token_id: the ``[MASK]`` id (156895 for LLaDA2.0): an int in ``[0, vocab_size)`` that fits the dtype
+            of ``input_ids`` (else ``TypeError`` / ``ValueError`` before any work, the same in every backend).
+        vocab_size: optional vocabulary size; when given, ``mask_token_id`` must be below it.
         targets: bool, like ``input_ids``: the T3S target set B (e.g. ``Δc_t < −τ``). Targets outside
             ``maskable`` are dropped and counted in ``targets_dropped``.
         valid: bool, like ``input_ids``: real tokens (``attention_mask``); ``False`` marks pad (code 5).
@@ -163,6 +192,12 @@ def block_diffusion_union_mask(
         raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if input_ids.dim() not in (1, 2):
         raise ValueError(f"input_ids must be [B, L] or packed [T], got shape {tuple(input_ids.shape)}")
+    mask_token_id = _check_mask_token_id(mask_token_id, input_ids.dtype, vocab_size)
+    masks = dict(input_ids=input_ids, maskable=maskable, targets=targets, valid=valid, cu_seqlens=cu_seqlens,
+                 noise_level=noise_level)
+    reject_transforms("block_diffusion_union_mask", "Call it outside the transform, on the whole batch.", **masks)
+    reject_meta("block_diffusion_union_mask", "it reads the number of blocks on the host to size its outputs",
+                **masks)
     if cu_seqlens is not None and input_ids.dim() != 1:
         raise ValueError("cu_seqlens needs packed input_ids of shape [T]")
     if not isinstance(block_size, int) or block_size < 1:

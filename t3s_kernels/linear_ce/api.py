@@ -10,7 +10,7 @@ to the autocast dtype first), fp32 logit accumulation, fp32 LSE,
 target logit from the same accumulator as the LSE (so the cross-entropy is never negative), fp32 weight-gradient
 accumulation. fp64 inputs run the reference in fp64.
 
-Target-range and weight-finiteness checks: on CPU they run eagerly and raise ``ValueError``. On CUDA an eager
+Value checks (target range, finite weights, weight signs, the normaliser; see :mod:`._checks`): on CPU they run eagerly and raise ``ValueError``. On CUDA an eager
 check would force a host sync on every call, so by default they run as ``torch._assert_async`` (device-side
 assert, no sync: a bad target aborts the CUDA context with the message below instead of raising a Python
 error); set ``T3S_CHECK_INPUTS=1`` to get the eager, synchronising ``ValueError`` on CUDA as well.
@@ -19,12 +19,13 @@ error); set ``T3S_CHECK_INPUTS=1`` to get the eager, synchronising ``ValueError`
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 
+from .._guards import reject_transforms
 from .._triton import IMPLS, resolve_impl
+from . import _checks
 from .function import CEOptions, StatsOptions, chunked_cross_entropy, linear_token_stats
 
 __all__ = ["TokenLogprobs", "linear_cross_entropy", "token_logprobs"]
@@ -48,7 +49,7 @@ class TokenLogprobs(NamedTuple):
 
 
 def _eager_checks(device: torch.device) -> bool:
-    return device.type != "cuda" or os.environ.get("T3S_CHECK_INPUTS", "0") == "1"
+    return _checks.value_check_mode(device) == "eager"
 
 
 def _check_tensor(name: str, t, *, shape_hint: str) -> None:
@@ -62,6 +63,12 @@ def _validate(
     _check_tensor("hidden", hidden, shape_hint="[..., D]")
     _check_tensor("weight", weight, shape_hint="[V, D]")
     _check_tensor("targets", targets, shape_hint="[...] (hidden.shape[:-1])")
+    reject_transforms(
+        fn, "Call it outside the transform: hidden [..., D] takes any leading batch dims (instead of vmap), "
+        "gradients come from torch.autograd (loss.backward() / torch.autograd.grad), and reduction='none' gives "
+        "per-token losses whose backward takes any per-token upstream gradient.",
+        hidden=hidden, weight=weight, targets=targets, bias=bias,
+    )
     if impl not in IMPLS:
         raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
     if hidden.dim() < 1:
@@ -120,13 +127,16 @@ def _validate(
             raise ValueError(
                 f"{fn}: targets must be in [0, V={V}) or equal ignore_index={ignore_index}; found {first}"
             )
-    elif targets.numel():
+    elif targets.numel() and _checks.value_check_mode(hidden.device) == "async":
         torch._assert_async(~bad.any(), f"{fn}: targets must be in [0, V={V}) or equal ignore_index={ignore_index}")
     return V, D
 
 
-def _validate_token_weight(token_weight, targets, fn: str) -> None:
+def _validate_token_weight(token_weight, targets, fn: str, *, signed_ok: bool = True) -> None:
+    """``signed_ok=False`` (``reduction="mean"`` without a normaliser): the weights are the mean's denominator,
+    so they must be ``>= 0`` (see :mod:`._checks` for what signed weights mean)."""
     _check_tensor("token_weight", token_weight, shape_hint="[...] (same shape as targets)")
+    reject_transforms(fn, "Call it outside the transform.", token_weight=token_weight)
     if not token_weight.is_floating_point():
         raise TypeError(f"{fn}: token_weight must be a float tensor, got {token_weight.dtype}")
     if tuple(token_weight.shape) != tuple(targets.shape):
@@ -135,11 +145,18 @@ def _validate_token_weight(token_weight, targets, fn: str) -> None:
         )
     if token_weight.device != targets.device:
         raise ValueError(f"{fn}: token_weight must be on {targets.device}, got {token_weight.device}")
-    if _eager_checks(token_weight.device):
-        if token_weight.numel() and not bool(torch.isfinite(token_weight).all()):
-            raise ValueError(f"{fn}: token_weight must be finite (found NaN or inf)")
-    elif token_weight.numel():
-        torch._assert_async(torch.isfinite(token_weight).all(), f"{fn}: token_weight must be finite")
+    if token_weight.numel():
+        tw = token_weight.detach()
+        _checks.require(torch.isfinite(tw).all(), f"{fn}: token_weight must be finite (found NaN or inf)",
+                        tw.device)
+        if not signed_ok:
+            _checks.require(
+                (tw >= 0).all(),
+                f"{fn}: token_weight must be >= 0 for reduction='mean' without a normalizer (the denominator "
+                "Σ wᵢ of a weighted mean is undefined for signed weights); signed (RL-style) weights work with "
+                "reduction='sum' / 'none', or with reduction='mean' and an explicit normalizer",
+                tw.device,
+            )
 
 
 def _autocast_entry(fn):
@@ -181,6 +198,7 @@ def linear_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: torch.Tensor | float | None = None,
@@ -188,7 +206,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     temperature: float = 1.0,
-    shift: bool = False,
+    shift: bool | int = False,
     return_lse: bool = False,
     impl: str = "auto",
     strategy: str = "auto",
@@ -206,22 +224,35 @@ def linear_cross_entropy(
         bias: optional ``[V]`` LM-head bias.
         token_weight: optional ``[...]`` float per-token weight (a T3S 0/1 mask is a weight). Rows with weight 0
             count as ignored: no loss, no gradient, and the fused strategy skips their GEMM work. Treated as a
-            constant (no gradient flows to it through the chunked strategy).
+            constant (no gradient flows to it through the chunked strategy). Finite; negative weights (RL-style
+            signed weights, e.g. advantages) are allowed with ``reduction="sum"`` / ``"none"`` and with
+            ``"mean"`` plus a ``normalizer``, and rejected for ``"mean"`` without one (``Σ wᵢ`` is then the
+            denominator, undefined for signed weights).
+        class_weight: optional ``[V]`` float weight per class, ``torch.nn.functional.cross_entropy``'s
+            ``weight`` (named so because ``weight`` is the LM head): token ``i``'s loss is scaled by
+            ``class_weight[yᵢ]`` and ``"mean"`` divides by ``Σ class_weight[yᵢ]·wᵢ`` — exactly F.cross_entropy.
+            Folded into the per-token weight (z-loss is scaled the same way; a class of weight 0 counts as
+            ignored); a constant. Not combined with ``label_smoothing > 0`` (PyTorch then weights the smoothing
+            term's every class, which is no per-token weight): that raises ``ValueError``.
         ignore_index: target value that contributes neither loss nor gradient.
         reduction: ``"mean"``: ``Σ wᵢ·lossᵢ / Σ wᵢ`` over non-ignored tokens (``wᵢ = 1`` without
-            ``token_weight``); 0 (not NaN) when no weight is left. ``"sum"``: ``Σ wᵢ·lossᵢ``. ``"none"``:
-            ``wᵢ·lossᵢ`` per token with the shape of ``targets`` (0 at ignored tokens); its backward is exact for
-            any per-token upstream gradient.
+            ``token_weight``); 0 (not NaN) when no weight is left — never the undivided sum. ``"sum"``:
+            ``Σ wᵢ·lossᵢ``. ``"none"``: ``wᵢ·lossᵢ`` per token with the shape of ``targets`` (0 at ignored
+            tokens); its backward is exact for any per-token upstream gradient.
         normalizer: only with ``reduction="mean"``: divide ``Σ wᵢ·lossᵢ`` by this instead of ``Σ wᵢ`` (a device
             tensor such as the token count of a whole optimizer step keeps gradient accumulation exact, with no
-            host sync). A zero normalizer is replaced by 1 (no NaN).
+            host sync). Finite and ``>= 0``; 0 only when no weighted token is left (an empty step: loss 0,
+            gradients 0), else ``ValueError``.
         label_smoothing: ``ε`` in ``[0, 1)``, as ``torch.nn.functional.cross_entropy``.
         z_loss: coefficient of ``lse²`` (PaLM z-loss on the transformed logits).
         softcap: logits become ``softcap · tanh(x / softcap)`` before the temperature (Gemma 2).
         temperature: logits are divided by ``temperature`` (> 0).
-        shift: next-token prediction without copying ``hidden``: position ``t`` of ``hidden`` is scored against
-            ``targets[..., t + 1]`` (``targets`` are then the input ids; ``token_weight`` shifts the same way); the
-            last position has no target. ``reduction="none"`` outputs and ``lse`` then have shape ``[..., T − 1]``.
+        shift: ``bool`` or ``int k >= 0`` (Cut Cross-Entropy's ``shift``; ``True`` is 1): position ``t`` of
+            ``hidden`` is scored against ``targets[..., t + k]`` without copying ``hidden`` (``targets`` are then
+            the input ids; ``token_weight`` is aligned with ``targets`` and shifts the same way); the last ``k``
+            positions have no target. ``reduction="none"`` outputs and ``lse`` then have shape
+            ``[..., T − k]``, element ``t`` belonging to hidden position ``t`` (CCE instead returns ``[..., T]``
+            aligned with ``targets``). Anything else (a float, a string) is a ``TypeError``.
         return_lse: also return the per-token fp32 LSE of the transformed logits (0 at ignored tokens),
             differentiable with the fused strategy.
         impl: ``"auto"`` (Triton on CUDA, the PyTorch reference on CPU), ``"triton"`` or ``"reference"``.
@@ -236,6 +267,9 @@ def linear_cross_entropy(
 
     Returns:
         The fp32 loss (scalar, or ``[...]`` for ``"none"``), or ``(loss, lse)`` when ``return_lse``.
+
+    Meta tensors run the reference (shapes and dtypes only; value checks are skipped). ``torch.func``
+    transforms (``vmap``, ``grad``, ``jvp``, ...) are not supported and raise ``TypeError``.
 
     Examples:
         >>> import torch
@@ -257,25 +291,27 @@ def linear_cross_entropy(
         raise ValueError(f"{fn}: label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     if not isinstance(z_loss, (int, float)) or not (0.0 <= z_loss < float("inf")):
         raise ValueError(f"{fn}: z_loss must be a finite float >= 0, got {z_loss!r}")
+    signed_ok = reduction != "mean" or normalizer is not None  # mean without normaliser: Σ wᵢ is the denominator
     if token_weight is not None:
-        _validate_token_weight(token_weight, targets, fn)
+        _validate_token_weight(token_weight, targets, fn, signed_ok=signed_ok)
+    if class_weight is not None:
+        _checks.check_class_weight(class_weight, V, hidden.device, label_smoothing=float(label_smoothing),
+                                   signed_ok=signed_ok, fn=fn)
     if normalizer is not None:
-        if reduction != "mean":
-            raise ValueError(f"{fn}: normalizer only applies to reduction='mean', got reduction={reduction!r}")
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(f"{fn}: normalizer must be a one-element tensor, got shape {tuple(normalizer.shape)}")
-        elif not isinstance(normalizer, (int, float)) or isinstance(normalizer, bool):
-            kind = type(normalizer).__name__
-            raise TypeError(f"{fn}: normalizer must be a float or a one-element tensor, got {kind}")
-    if shift:
-        if targets.dim() < 1:
-            raise ValueError(f"{fn}: shift=True needs targets with a sequence dim [..., T], got a 0-d tensor")
-        pad = targets.new_full((*targets.shape[:-1], 1), ignore_index)
-        targets = torch.cat([targets[..., 1:], pad], dim=-1)
+        _checks.check_normalizer(normalizer, reduction, fn)
+    shift = _checks.check_shift(shift, targets, fn)
+    if shift:  # position t is scored against targets[..., t + shift]; the last `shift` positions have no target
+        n_pad = min(shift, targets.shape[-1])
+        pad = targets.new_full((*targets.shape[:-1], n_pad), ignore_index)
+        targets = torch.cat([targets[..., shift:], pad], dim=-1)
         if token_weight is not None:
-            tw_pad = token_weight.new_zeros((*token_weight.shape[:-1], 1))
-            token_weight = torch.cat([token_weight[..., 1:], tw_pad], dim=-1)
+            tw_pad = token_weight.new_zeros((*token_weight.shape[:-1], n_pad))
+            token_weight = torch.cat([token_weight[..., shift:], tw_pad], dim=-1)
+    if class_weight is not None:
+        token_weight = _checks.fold_class_weight(class_weight, targets, token_weight, ignore_index)
+    if normalizer is not None:
+        _checks.check_normalizer_not_empty(normalizer, targets, token_weight, ignore_index, fn)
+    n_scored = max(targets.shape[-1] - shift, 0) if shift else None  # positions kept by reduction="none" and lse
 
     out_shape = tuple(targets.shape)
     device = hidden.device
@@ -290,15 +326,17 @@ def linear_cross_entropy(
     eps, zl = float(label_smoothing), float(z_loss)
     needs_grad = _needs_grad(hidden, weight, bias)
 
-    def denominator(dtype: torch.dtype) -> torch.Tensor | float:  # never 0: an empty mean is 0, not NaN
+    def denominator(dtype: torch.dtype) -> torch.Tensor | float:
+        # 0 only when no weighted token is left (the checks above): dividing by inf then gives a loss and
+        # gradients of exactly 0, never NaN, and never the undivided sum
         if normalizer is not None and not isinstance(normalizer, torch.Tensor):
-            return float(normalizer) or 1.0  # a Python number: no host-to-device copy
+            return float(normalizer) or float("inf")  # a Python number: no host-to-device copy
         if normalizer is None:
             den = (w * active).sum() if w is not None else active.sum()
         else:
             den = normalizer.detach().reshape(()).to(device)
         den = den.to(dtype)
-        return torch.where(den == 0, torch.ones_like(den), den)
+        return torch.where(den == 0, torch.full_like(den, float("inf")), den)
 
     use_chunked = (
         backend == "triton"
@@ -344,12 +382,12 @@ def linear_cross_entropy(
     if reduction == "none":
         loss = loss.reshape(out_shape)
         if shift:
-            loss = loss[..., :-1]
+            loss = loss[..., :n_scored]
     if not return_lse:
         return loss
     lse = lse.reshape(out_shape)
     if shift:
-        lse = lse[..., :-1]
+        lse = lse[..., :n_scored]
     return loss, lse
 
 
