@@ -405,3 +405,68 @@ def test_union_mask_kernel_compiles_for_sm90():
         for v in UNION_MASK_VARIANTS:
             assert f"_union_mask_fwd_kernel {ids}-{v[0]} REG " in r.stdout, r.stdout
     assert r.stdout.count("STACK 0") == 2 * len(UNION_MASK_VARIANTS), r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mask_token_id: validated once, before dispatch, so every backend refuses the same ids with the same message
+# (before: -1 was written as is, 3.7 became 3, 2**40 with int32 ids was written as 0 by the C++ op)
+
+BAD_MASK_IDS = [
+    pytest.param(-1, torch.int64, None, ValueError, "mask_token_id must be a token id >= 0", id="negative"),
+    pytest.param(3.7, torch.int64, None, TypeError, "mask_token_id must be an int token id", id="float"),
+    pytest.param(3.0, torch.int64, None, TypeError, "mask_token_id must be an int token id", id="integral-float"),
+    pytest.param(True, torch.int64, None, TypeError, "mask_token_id must be an int token id", id="bool"),
+    pytest.param("7", torch.int64, None, TypeError, "mask_token_id must be an int token id", id="str"),
+    pytest.param(2**40, torch.int32, None, ValueError, "does not fit input_ids' dtype torch.int32", id="2**40-int32"),
+    pytest.param(2**31, torch.int32, None, ValueError, "does not fit input_ids' dtype torch.int32", id="2**31-int32"),
+    pytest.param(2**63, torch.int64, None, ValueError, "does not fit input_ids' dtype torch.int64", id="2**63-int64"),
+    pytest.param(500, torch.int64, 500, ValueError, r"outside the vocabulary \[0, vocab_size=500\)", id=">=vocab"),
+]
+MASK_ID_IMPLS = ["reference", "cpp", pytest.param("triton", marks=[
+    pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")])]
+
+
+@pytest.mark.parametrize("mask_id,dtype,vocab,exc,match", BAD_MASK_IDS)
+def test_bad_mask_token_id_same_error_in_every_backend(mask_id, dtype, vocab, exc, match):
+    ids, maskable, valid, targets = padded_batch(B=2, L=8, dtype=dtype)
+    messages = set()
+    for impl in ("reference", "cpp", "triton", "auto"):
+        with pytest.raises(exc, match=match) as err:
+            block_diffusion_union_mask(ids, maskable, targets=targets, block_size=4, mask_token_id=mask_id,
+                                       vocab_size=vocab, impl=impl)
+        messages.add(str(err.value))
+    assert len(messages) == 1
+
+
+@pytest.mark.parametrize("impl", MASK_ID_IMPLS)
+@pytest.mark.parametrize("dtype,mask_id", [(torch.int32, 2**31 - 1), (torch.int64, 2**40)])
+def test_largest_mask_token_id_is_written_unchanged(impl, dtype, mask_id):
+    if impl == "cpp":
+        from t3s_kernels.block_diffusion.cpu import load_union_mask_op
+
+        if load_union_mask_op() is None:
+            pytest.skip("C++ union-mask op could not be built here")
+    ids, maskable, valid, targets = padded_batch(B=2, L=8, dtype=dtype)
+    out = block_diffusion_union_mask(ids, maskable, targets=targets, valid=valid, block_size=4,
+                                     mask_token_id=mask_id, impl=impl)
+    union = (out.code == RANDOM) | (out.code == RANDOM_TARGET) | (out.code == FORCED)
+    assert bool(union.any()) and bool((out.noisy_ids[union] == mask_id).all())
+    assert torch.equal(out.noisy_ids[~union], ids[~union])
+
+
+def test_mask_token_id_accepts_integer_scalars_and_checks_vocab_size():
+    np = pytest.importorskip("numpy")
+    ids, maskable, valid, targets = padded_batch(B=2, L=8)
+    a = run(ids, maskable, targets=targets, block_size=4, mask_token_id=np.int64(MASK), vocab_size=MASK + 1)
+    b = run(ids, maskable, targets=targets, block_size=4, mask_token_id=torch.tensor(MASK))
+    assert torch.equal(a.noisy_ids, b.noisy_ids) and bool((a.noisy_ids == MASK).any())
+    with pytest.raises(TypeError, match="vocab_size must be None or an int"):
+        run(ids, maskable, block_size=4, vocab_size=100.0)
+
+
+def test_union_mask_refuses_meta_tensors_and_torch_func():
+    ids, maskable, valid, targets = padded_batch(B=2, L=8)
+    with pytest.raises(ValueError, match="block_diffusion_union_mask does not support meta tensors"):
+        run(ids.to("meta"), maskable.to("meta"), block_size=4)
+    with pytest.raises(TypeError, match="block_diffusion_union_mask does not support torch.func transforms"):
+        torch.vmap(lambda i, m: run(i, m, block_size=4).noisy_ids)(ids, maskable)
