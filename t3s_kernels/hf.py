@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t3s_kernels.linear_ce import _checks
 from t3s_kernels.linear_ce.api import TokenLogprobs, linear_cross_entropy, token_logprobs
 from t3s_kernels.linear_ce.modules import OptionsModule
 
@@ -302,7 +303,11 @@ class FusedLossCausalLM(OptionsModule):
         if return_per_token and reduction != "none":
             per_token = linear_cross_entropy(h, weight, labels, reduction="none", **common)
             loss = per_token.sum()
-            if reduction == "mean":
+            if reduction == "mean":  # reduced here, so the functional's rules for "mean" are checked here
+                _checks.check_mean_weights(
+                    labels[..., 1:], token_weight[..., 1:] if token_weight is not None else None, normalizer,
+                    self.ignore_index, "FusedLossCausalLM",
+                )
                 loss = loss / self._denominator(labels, token_weight, normalizer, loss)
         else:
             loss = linear_cross_entropy(h, weight, labels, reduction=reduction, normalizer=normalizer, **common)
@@ -311,14 +316,15 @@ class FusedLossCausalLM(OptionsModule):
         return FusedLossOutput(loss, per_token, hidden if return_hidden else None)
 
     def _denominator(self, labels, token_weight, normalizer, like: torch.Tensor) -> torch.Tensor:
-        """``Σ wᵢ`` over scored (shifted) targets, or ``normalizer``; 0 becomes 1 (an empty batch gives loss 0)."""
+        """``Σ wᵢ`` over scored (shifted) targets, or ``normalizer``; 0 (nothing left to score) becomes inf, so the
+        loss and its gradients are 0 — never the undivided sum."""
         if normalizer is not None:
             den = torch.as_tensor(normalizer, dtype=like.dtype, device=like.device).detach().reshape(())
         else:
             active = labels[..., 1:] != self.ignore_index
             w = token_weight[..., 1:].detach().to(like.dtype) if token_weight is not None else 1.0
             den = (active * w).sum().to(like.dtype)
-        return torch.where(den == 0, torch.ones_like(den), den)
+        return torch.where(den == 0, torch.full_like(den, float("inf")), den)
 
     # ----------------------------------------------------------------------------------------------------------
     # per-token log-probs (the Δc_t profiler)

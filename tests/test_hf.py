@@ -168,6 +168,24 @@ def test_reductions_and_per_token():
     torch.testing.assert_close(weighted_pt.loss, weighted.loss, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("return_per_token", [False, True])
+def test_mean_argument_rules_hold_with_and_without_per_token(return_per_token):
+    """The functional's rules for reduction='mean' (weights >= 0 without a normaliser; a normaliser finite, >= 0,
+    and 0 only for an empty batch) also hold where the adapter reduces the per-token losses itself."""
+    ids, am, labels = _batch()
+    lm = FusedLossCausalLM(_make("llama").eval())
+    kw = dict(labels=labels, attention_mask=am, return_per_token=return_per_token)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="token_weight must be >= 0"):
+            lm(ids, token_weight=-torch.ones(ids.shape), **kw)
+        with pytest.raises(ValueError, match="normalizer must be finite and >= 0"):
+            lm(ids, normalizer=-4.0, **kw)
+        with pytest.raises(ValueError, match="normalizer is 0"):
+            lm(ids, normalizer=torch.tensor(0.0), **kw)
+        empty = lm(ids, token_weight=torch.zeros(ids.shape), normalizer=0.0, **kw).loss
+    assert empty.item() == 0.0
+
+
 def test_labels_default_to_input_ids_masked_by_attention():
     ids, am, _ = _batch()
     model = _make("qwen3").eval()

@@ -25,7 +25,9 @@ import os
 import torch
 
 __all__ = [
+    "NEGATIVE_MEAN_WEIGHT",
     "check_class_weight",
+    "check_mean_weights",
     "check_normalizer",
     "check_normalizer_not_empty",
     "check_shift",
@@ -33,6 +35,13 @@ __all__ = [
     "require",
     "value_check_mode",
 ]
+
+
+NEGATIVE_MEAN_WEIGHT = (
+    "token_weight must be >= 0 for reduction='mean' without a normalizer (the denominator Σ wᵢ of a weighted mean "
+    "is undefined for signed weights); signed (RL-style) weights work with reduction='sum' / 'none', or with "
+    "reduction='mean' and an explicit normalizer"
+)
 
 
 def value_check_mode(device: torch.device) -> str:
@@ -155,3 +164,14 @@ def fold_class_weight(class_weight: torch.Tensor, targets: torch.Tensor, token_w
     if token_weight is None:
         return cw
     return token_weight.detach().to(torch.promote_types(token_weight.dtype, cw.dtype)) * cw
+
+
+def check_mean_weights(targets: torch.Tensor, token_weight, normalizer, ignore_index: int, fn: str) -> None:
+    """The rules of ``reduction="mean"`` for a caller that reduces per-token losses itself (``targets`` and
+    ``token_weight`` already aligned, e.g. shifted): weights ``>= 0`` without a normaliser, else a valid one."""
+    if normalizer is None:
+        if token_weight is not None and token_weight.numel():
+            require((token_weight.detach() >= 0).all(), f"{fn}: {NEGATIVE_MEAN_WEIGHT}", token_weight.device)
+        return
+    check_normalizer(normalizer, "mean", fn)
+    check_normalizer_not_empty(normalizer, targets, token_weight, ignore_index, fn)

@@ -150,13 +150,7 @@ def _validate_token_weight(token_weight, targets, fn: str, *, signed_ok: bool = 
         _checks.require(torch.isfinite(tw).all(), f"{fn}: token_weight must be finite (found NaN or inf)",
                         tw.device)
         if not signed_ok:
-            _checks.require(
-                (tw >= 0).all(),
-                f"{fn}: token_weight must be >= 0 for reduction='mean' without a normalizer (the denominator "
-                "Σ wᵢ of a weighted mean is undefined for signed weights); signed (RL-style) weights work with "
-                "reduction='sum' / 'none', or with reduction='mean' and an explicit normalizer",
-                tw.device,
-            )
+            _checks.require((tw >= 0).all(), f"{fn}: {_checks.NEGATIVE_MEAN_WEIGHT}", tw.device)
 
 
 def _autocast_entry(fn):

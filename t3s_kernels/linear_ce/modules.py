@@ -60,10 +60,13 @@ class LinearCrossEntropyLoss(OptionsModule):
         z_loss: coefficient of the ``lse²`` auxiliary loss.
         softcap: logits become ``softcap · tanh(z / softcap)`` when set.
         temperature: logits are divided by ``temperature``.
-        shift: next-token shift inside the op (targets are the input ids, position ``t`` predicts ``t + 1``).
+        shift: shift inside the op (targets are the input ids): ``True`` / ``k`` scores position ``t`` against
+            ``targets[t + k]``.
         return_lse: ``forward`` returns ``(loss, lse)``.
         impl: ``"auto" | "triton" | "reference"``.
         strategy: backend strategy (``"auto"`` picks per call).
+        class_weight: optional ``[V]`` class weights (``nn.CrossEntropyLoss``'s ``weight``), held as a buffer so
+            ``.to(device)`` moves it.
     """
 
     _OPTIONS = (
@@ -80,13 +83,15 @@ class LinearCrossEntropyLoss(OptionsModule):
         z_loss: float = 0.0,
         softcap: float | None = None,
         temperature: float = 1.0,
-        shift: bool = False,
+        shift: bool | int = False,
         return_lse: bool = False,
         impl: str = "auto",
         strategy: str = "auto",
+        class_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self._store_options(locals())
+        self.register_buffer("class_weight", class_weight)
 
     def forward(
         self,
@@ -99,7 +104,8 @@ class LinearCrossEntropyLoss(OptionsModule):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``hidden [..., D]``, ``weight [V, D]``, ``targets [...]`` int64 → loss (and ``lse`` if asked)."""
         return linear_cross_entropy(
-            hidden, weight, targets, bias=bias, token_weight=token_weight, normalizer=normalizer, **self._options()
+            hidden, weight, targets, bias=bias, token_weight=token_weight, normalizer=normalizer,
+            class_weight=self.class_weight, **self._options(),
         )
 
 

@@ -341,3 +341,13 @@ def test_torch_func_over_targets_only_is_caught_too():
     h, W, y = _inputs(ignore=False)
     with pytest.raises(TypeError, match="targets traced by torch.func vmap"):
         torch.vmap(lambda t: linear_cross_entropy(h[0], W, t), in_dims=0)(y)
+
+
+def test_loss_module_holds_class_weight_as_a_buffer():
+    from t3s_kernels import LinearCrossEntropyLoss
+
+    h, W, y = _inputs()
+    cw = _class_weight()
+    mod = LinearCrossEntropyLoss(class_weight=cw, shift=2)
+    assert "class_weight" in dict(mod.named_buffers())
+    _close(mod(h, W, y), _oracle(h, W, y, reduction="mean", class_weight=cw, shift=2))
