@@ -10,10 +10,11 @@ to the autocast dtype first), fp32 logit accumulation, fp32 LSE,
 target logit from the same accumulator as the LSE (so the cross-entropy is never negative), fp32 weight-gradient
 accumulation. fp64 inputs run the reference in fp64.
 
-Value checks (target range, finite weights, weight signs, the normaliser; see :mod:`._checks`): on CPU they run eagerly and raise ``ValueError``. On CUDA an eager
-check would force a host sync on every call, so by default they run as ``torch._assert_async`` (device-side
-assert, no sync: a bad target aborts the CUDA context with the message below instead of raising a Python
-error); set ``T3S_CHECK_INPUTS=1`` to get the eager, synchronising ``ValueError`` on CUDA as well.
+Value checks (target range, finite weights, weight signs, the normaliser; see :mod:`._checks`): on CPU they run
+eagerly and raise ``ValueError``. On CUDA an eager check would force a host sync on every call, so by default they
+run as ``torch._assert_async`` (device-side assert, no sync: a bad target aborts the CUDA context with the message
+below instead of raising a Python error); set ``T3S_CHECK_INPUTS=1`` to get the eager, synchronising
+``ValueError`` on CUDA as well. Meta tensors skip them.
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def test_cpp_op_refuses_a_mask_id_its_ids_cannot_hold(cpp_op):
     ids = ids.to(torch.int32).reshape(-1)
     T = ids.numel()
     one = torch.ones(2, dtype=torch.float32)
-    out = (torch.empty_like(ids), torch.empty(T), torch.empty(T, dtype=torch.uint8), torch.empty(2, 5, dtype=torch.int32))
+    out = (torch.empty_like(ids), torch.empty(T), torch.empty(T, dtype=torch.uint8),
+           torch.empty(2, 5, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="mask_token_id=1099511627776 must be a token id"):
         cpp_op(ids, maskable.reshape(-1).to(torch.uint8), None, None, torch.tensor([0]), torch.tensor([T]),
                torch.tensor([0, 2]), one, one, one, None, None, *out, None, None, None, None, 0, 0, 0, 2**40, 4)
