@@ -20,6 +20,7 @@ from t3s_kernels.linear_ce import (  # noqa: E402
     LinearCrossEntropyLoss,
     LinearTokenLogprobs,
     TokenLogprobs,
+    VocabParallel,
     linear_cross_entropy,
     token_logprobs,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "LinearTokenLogprobs",
     "TokenLogprobs",
     "UnionMaskOutput",
+    "VocabParallel",
     "__version__",
     "block_diffusion_attention_mask",
     "block_diffusion_block_mask",

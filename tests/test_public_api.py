@@ -11,6 +11,7 @@ PUBLIC = {
     "LinearTokenLogprobs",
     "TokenLogprobs",
     "UnionMaskOutput",
+    "VocabParallel",
     "__version__",
     "block_diffusion_attention_mask",
     "block_diffusion_block_mask",

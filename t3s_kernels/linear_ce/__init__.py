@@ -7,11 +7,13 @@ validation, dispatch, reductions), ``modules.py`` (``nn.Module`` drop-ins holdin
 
 from .api import TokenLogprobs, linear_cross_entropy, token_logprobs
 from .modules import LinearCrossEntropyLoss, LinearTokenLogprobs
+from .vocab_parallel import VocabParallel
 
 __all__ = [
     "LinearCrossEntropyLoss",
     "LinearTokenLogprobs",
     "TokenLogprobs",
+    "VocabParallel",
     "linear_cross_entropy",
     "token_logprobs",
 ]

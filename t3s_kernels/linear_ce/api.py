@@ -28,8 +28,9 @@ from .._guards import reject_transforms
 from .._triton import IMPLS, resolve_impl
 from . import _checks
 from .function import CEOptions, StatsOptions, chunked_cross_entropy, linear_token_stats
+from .vocab_parallel import VocabParallel, resolve_vocab_parallel, vocab_parallel_token_stats
 
-__all__ = ["TokenLogprobs", "linear_cross_entropy", "token_logprobs"]
+__all__ = ["TokenLogprobs", "VocabParallel", "linear_cross_entropy", "token_logprobs"]
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "fused", "chunked")
@@ -59,7 +60,7 @@ def _check_tensor(name: str, t, *, shape_hint: str) -> None:
 
 
 def _validate(
-    hidden, weight, targets, bias, *, ignore_index, softcap, temperature, impl, fn: str
+    hidden, weight, targets, bias, *, ignore_index, softcap, temperature, impl, fn: str, vocab_size: int | None = None
 ) -> tuple[int, int]:
     _check_tensor("hidden", hidden, shape_hint="[..., D]")
     _check_tensor("weight", weight, shape_hint="[V, D]")
@@ -120,7 +121,8 @@ def _validate(
         not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not (0 < softcap < float("inf"))
     ):
         raise ValueError(f"{fn}: softcap must be None or a finite float > 0, got {softcap!r}")
-    # targets in [0, V) or == ignore_index
+    # targets in [0, V) or == ignore_index (V global under vocabulary parallelism)
+    V_local, V = V, (vocab_size or V)
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if _eager_checks(hidden.device):
         if targets.numel() and bool(bad.any()):
@@ -130,7 +132,7 @@ def _validate(
             )
     elif targets.numel() and _checks.value_check_mode(hidden.device) == "async":
         torch._assert_async(~bad.any(), f"{fn}: targets must be in [0, V={V}) or equal ignore_index={ignore_index}")
-    return V, D
+    return V_local, D
 
 
 def _validate_token_weight(token_weight, targets, fn: str, *, signed_ok: bool = True) -> None:
@@ -175,6 +177,12 @@ def _autocast_entry(fn):
     return wrapper
 
 
+def _token_stats(hidden, weight, bias, targets, opts, backend, vp):
+    if vp is None:
+        return linear_token_stats(hidden, weight, bias, targets, opts, backend)
+    return vocab_parallel_token_stats(hidden, weight, bias, targets, opts, backend, vp)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -205,6 +213,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     strategy: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``softmax(cap(hidden @ weight.T + bias) / temperature)`` without ``[N, V]`` logits.
 
@@ -259,6 +268,10 @@ def linear_cross_entropy(
             no gradient always run one fused forward pass that stores nothing. The fused strategy's backward is
             two Triton recompute kernels (deterministic, skip inactive rows) or, with ``T3S_FUSED_BACKWARD=chunked``,
             cuBLAS chunks (see :mod:`t3s_kernels.linear_ce.kernels` for the cost model).
+        vocab_parallel: ``weight`` (and ``bias``) is this rank's vocabulary shard ``[vocab_start, vocab_end)``;
+            per-token statistics are combined across the group (:mod:`t3s_kernels.linear_ce.vocab_parallel`).
+            A ``DTensor`` weight sharded on dim 0 sets it automatically. Targets are global ids; the fused
+            strategy is used.
 
     Returns:
         The fp32 loss (scalar, or ``[...]`` for ``"none"``), or ``(loss, lse)`` when ``return_lse``.
@@ -274,9 +287,10 @@ def linear_cross_entropy(
         >>> loss.backward()
     """
     fn = "linear_cross_entropy"
+    weight, bias, vp = resolve_vocab_parallel(weight, bias, vocab_parallel, fn)
     V, D = _validate(
         hidden, weight, targets, bias, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
-        impl=impl, fn=fn,
+        impl=impl, fn=fn, vocab_size=vp.vocab_size if vp is not None else None,
     )
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -339,6 +353,7 @@ def linear_cross_entropy(
         and hidden.dtype != torch.float64
         and h2.shape[0] > 0
         and reduction != "none"
+        and vp is None
         and (strategy == "chunked" or (strategy == "auto" and token_weight is None and not return_lse))
     )
     if strategy == "chunked" and reduction == "none" and backend == "triton" and needs_grad:
@@ -359,10 +374,10 @@ def linear_cross_entropy(
         sopts = StatsOptions(
             ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), want_sumz=eps > 0
         )
-        lse, tgt, sumz, _ = linear_token_stats(h2, weight, bias, y, sopts, backend)
+        lse, tgt, sumz, _ = _token_stats(h2, weight, bias, y, sopts, backend, vp)
         per_tok = (1.0 - eps) * (lse - tgt)  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
         if eps > 0:
-            per_tok = per_tok + eps * (lse - sumz / V)
+            per_tok = per_tok + eps * (lse - sumz / (vp.vocab_size if vp is not None else V))
         if zl > 0:
             per_tok = per_tok + zl * lse * lse
         if w is not None:
@@ -405,6 +420,7 @@ def token_logprobs(
     return_entropy: bool = False,
     return_lse: bool = False,
     impl: str = "auto",
+    vocab_parallel: VocabParallel | None = None,
 ) -> TokenLogprobs:
     """Per-token ``log p(targets)`` (and optionally entropy and LSE) from hidden states and the LM-head weight.
 
@@ -415,6 +431,7 @@ def token_logprobs(
         bias, ignore_index, softcap, temperature: as :func:`linear_cross_entropy`.
         return_entropy / return_lse: also return the entropy / LSE of the transformed distribution.
         impl: ``"auto" | "triton" | "reference"``.
+        vocab_parallel: the weight is this rank's vocabulary shard, as :func:`linear_cross_entropy`.
 
     Returns:
         :class:`TokenLogprobs` ``(logprob, entropy, lse)`` of fp32 ``[...]`` tensors (``entropy`` / ``lse`` are
@@ -430,15 +447,16 @@ def token_logprobs(
         (torch.Size([3, 4]), torch.Size([3, 4]))
     """
     fn = "token_logprobs"
+    weight, bias, vp = resolve_vocab_parallel(weight, bias, vocab_parallel, fn)
     V, D = _validate(
         hidden, weight, targets, bias, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
-        impl=impl, fn=fn,
+        impl=impl, fn=fn, vocab_size=vp.vocab_size if vp is not None else None,
     )
     backend = resolve_impl(impl, hidden.device)
     shape = tuple(targets.shape)
     sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
                          want_sumz=False, want_entropy=bool(return_entropy))
-    lse, tgt, _, ent = linear_token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend)
+    lse, tgt, _, ent = _token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend, vp)
     logprob = (tgt - lse).reshape(shape)
     return TokenLogprobs(
         logprob,
