@@ -40,7 +40,8 @@ class ModelConfig:
     dtype: str = "fp32"
     """Parameter dtype: ``fp32`` or ``bf16`` (bf16 weights; use ``train.autocast`` for mixed precision)."""
     attn_implementation: str | None = None
-    """Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``); None = library default."""
+    """Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``); ``auto`` = flash_attention_2
+    when flash-attn is installed on CUDA, else sdpa (``t3s.packing``); None = library default."""
 
 
 @dataclass

@@ -264,7 +264,8 @@ class Pipeline:
         model = self.cfg.model.path if which == "base" else str(self.run_dir / "trajectory" / "bottleneck")
         profile_confidence(model, self.tokenizer, self.examples, self.run_dir / "profile" / which,
                            max_tokens=self.cfg.data.max_length, dtype=self.cfg.model.dtype,
-                           progress=self.progress)
+                           progress=self.progress, packing=self.cfg.train.packing,
+                           attn_implementation=self.cfg.model.attn_implementation)
         return {}
 
     def stage_delta(self) -> dict:

@@ -109,9 +109,13 @@ def lm_head(model: Any) -> LMHead:
 
 
 def trunk_hidden_states(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final hidden states ``[B, L, D]`` of the model's decoder trunk (final norm included, no LM head)."""
+    """Final hidden states ``[B, L, D]`` of the model's decoder trunk (final norm included, no LM head).
+
+    ``attention_mask`` is ``[B, L]`` (padding) or a 4-D mask; ``position_ids`` restart per document in a packed
+    row (:mod:`t3s.packing`)."""
     trunk = model.get_decoder()
     if trunk is model:
         raise TypeError(f"cannot find the decoder trunk of {type(model).__name__} (get_decoder() returned the model)")
@@ -119,7 +123,7 @@ def trunk_hidden_states(
     # SDPA serve with memory-efficient kernels instead of a materialised [L, L] mask.
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -130,6 +134,7 @@ def score_batch(
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
+    position_ids: torch.Tensor | None = None,
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token ``log p(input_ids[:, j] | input_ids[:, :j])`` for every ``j`` with ``labels[:, j] != -100``.
@@ -137,7 +142,8 @@ def score_batch(
     Args:
         model: a Hugging Face causal LM (anything with ``get_decoder()`` and ``get_output_embeddings()``).
         input_ids, labels: ``[B, L]`` long; labels unshifted (the HF convention), ``-100`` where not scored.
-        attention_mask: ``[B, L]`` (right padding), or None.
+        attention_mask: ``[B, L]`` (right padding), a 4-D mask (packed rows), or None.
+        position_ids: ``[B, L]`` (packed rows: restarting at 0 per document), or None.
         return_entropy: also return the entropy of the predictive distribution at those positions.
 
     Returns:
@@ -148,7 +154,7 @@ def score_batch(
     from t3s_kernels.linear_ce.api import token_logprobs
 
     head = lm_head(model)
-    hidden = trunk_hidden_states(model, input_ids, attention_mask)
+    hidden = trunk_hidden_states(model, input_ids, attention_mask, position_ids)
     # Position j is predicted from the hidden state at j - 1.
     targets = labels[:, 1:].to(hidden.device)
     out = token_logprobs(
@@ -354,7 +360,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model_and_tokenizer(
-    model: Any, tokenizer: Any = None, *, dtype: str | torch.dtype | None = None, device: Any = None
+    model: Any, tokenizer: Any = None, *, dtype: str | torch.dtype | None = None, device: Any = None,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """Accept a local model folder or an in-memory model (and likewise the tokenizer; default: the model folder).
 
@@ -370,7 +377,11 @@ def load_model_and_tokenizer(
         if want is None:
             want = torch.bfloat16 if target.type == "cuda" else torch.float32
         path = str(model)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=want, local_files_only=True).to(target)
+        from t3s.packing import resolve_attn_implementation
+
+        attn = resolve_attn_implementation(attn_implementation, target)
+        extra = {"attn_implementation": attn} if attn else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=want, local_files_only=True, **extra).to(target)
         if tokenizer is None:
             tokenizer = path
     else:
@@ -429,12 +440,24 @@ def _score_part(
     pad_id: int,
     return_entropy: bool,
     on_tokens=None,
+    packing: bool = False,
 ) -> list[dict]:
     device = next(iter(model.parameters())).device
     rows = []
     lengths = [len(examples[i]) for i in indices]
     for bucket in length_buckets(lengths, batch_tokens):
         batch = [examples[indices[b]] for b in bucket]
+        if packing:
+            from t3s.packing import score_packed
+
+            scored = score_packed(model, batch, batch_tokens=batch_tokens, return_entropy=return_entropy)
+            width = max(len(e) for e in batch)
+            logprob = np.stack([np.pad(lp, (0, width - lp.size)) for lp, _ in scored])
+            entropy = np.stack([np.pad(en, (0, width - en.size)) for _, en in scored]) if return_entropy else None
+            rows += _score_rows(batch, bucket, indices, logprob, entropy)
+            if on_tokens is not None:
+                on_tokens(sum(len(e) for e in batch))
+            continue
         width = max(len(e) for e in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -449,23 +472,29 @@ def _score_part(
         )
         logprob = logprob.cpu().numpy()
         entropy = entropy.cpu().numpy() if entropy is not None else None
-        for r, (b, example) in enumerate(zip(bucket, batch, strict=True)):
-            label_row = np.asarray(example.labels)
-            positions = np.nonzero(label_row != IGNORE_INDEX)[0]
-            row = {
-                "index": int(indices[b]),
-                "id": example.id,
-                "input_ids": example.input_ids,
-                "response_start": int(example.response_start),
-                "positions": positions.astype(np.int32).tolist(),
-                "token_ids": np.asarray(example.input_ids)[positions].astype(np.int32).tolist(),
-                "logprob": logprob[r, positions].astype(np.float32).tolist(),
-            }
-            if entropy is not None:
-                row["entropy"] = entropy[r, positions].astype(np.float32).tolist()
-            rows.append(row)
+        rows += _score_rows(batch, bucket, indices, logprob, entropy)
         if on_tokens is not None:
             on_tokens(sum(len(e) for e in batch))
+    return rows
+
+
+def _score_rows(batch, bucket, indices, logprob: np.ndarray, entropy: np.ndarray | None) -> list[dict]:
+    rows = []
+    for r, (b, example) in enumerate(zip(bucket, batch, strict=True)):
+        label_row = np.asarray(example.labels)
+        positions = np.nonzero(label_row != IGNORE_INDEX)[0]
+        row = {
+            "index": int(indices[b]),
+            "id": example.id,
+            "input_ids": example.input_ids,
+            "response_start": int(example.response_start),
+            "positions": positions.astype(np.int32).tolist(),
+            "token_ids": np.asarray(example.input_ids)[positions].astype(np.int32).tolist(),
+            "logprob": logprob[r, positions].astype(np.float32).tolist(),
+        }
+        if entropy is not None:
+            row["entropy"] = entropy[r, positions].astype(np.float32).tolist()
+        rows.append(row)
     return rows
 
 
@@ -484,6 +513,8 @@ def profile_confidence(
     return_entropy: bool = False,
     resume: bool = True,
     progress: bool = True,
+    packing: bool = False,
+    attn_implementation: str | None = None,
 ) -> Path:
     """Score every response token of every example with ``c_t = log p(y_t | y_<t, x)`` and write a store.
 
@@ -505,13 +536,18 @@ def profile_confidence(
         resume: reuse finished parts and a finished store made from the same model, tokenizer, data and
             settings; with ``False`` everything is recomputed.
         progress: show a token progress bar (rank 0).
+        packing: score packed rows (documents concatenated, ``position_ids`` restarting per document, no padding;
+            :func:`t3s.packing.score_packed`) of up to ``batch_tokens`` tokens instead of padded rows.
+        attn_implementation: when loading from a folder: ``"auto"`` (flash_attention_2 with flash-attn on CUDA,
+            else sdpa), ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; None = the library default.
 
     Returns:
         The store folder. Under ``torchrun`` every rank returns it after rank 0 has merged the parts.
     """
     out_dir = Path(out_dir)
     dist_utils.init_distributed()
-    model, tokenizer = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device)
+    model, tokenizer = load_model_and_tokenizer(model, tokenizer, dtype=dtype, device=device,
+                                                attn_implementation=attn_implementation)
     examples = _as_examples(
         records_or_examples, tokenizer, max_tokens=max_tokens, truncation=truncation,
         progress=progress and dist_utils.is_main(),
@@ -520,6 +556,8 @@ def profile_confidence(
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
     part_tokens = part_tokens or 4 * batch_tokens
     settings = {"max_tokens": max_tokens, "truncation": truncation, "return_entropy": return_entropy}
+    if packing:
+        settings["packing"] = True
     prov = provenance(model, tokenizer, examples, settings)
     prov_path = out_dir / PROVENANCE_FILE
 
@@ -560,7 +598,7 @@ def profile_confidence(
         for p in todo:
             rows = _score_part(
                 model, examples, parts[p], batch_tokens=batch_tokens, pad_id=pad_id,
-                return_entropy=return_entropy, on_tokens=bar.update if bar else None,
+                return_entropy=return_entropy, on_tokens=bar.update if bar else None, packing=packing,
             )
             write_parquet_atomic(parts_dir / f"part-{p:05d}.parquet", _rows_to_table(rows, return_entropy))
     finally:
@@ -703,6 +741,10 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: per rank)")
     parser.add_argument("--entropy", action="store_true", help="also store per-token entropy")
+    parser.add_argument("--packing", action="store_true",
+                        help="score packed rows (per-document position ids, no padding) of --batch-tokens tokens")
+    parser.add_argument("--attn-implementation", default=None,
+                        help="auto (flash_attention_2 with flash-attn on CUDA, else sdpa), sdpa, eager, flash_attention_2")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="recompute everything")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument(
@@ -727,7 +769,8 @@ def profile_main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
         args.model, args.tokenizer, records, args.out,
         max_tokens=args.max_tokens, truncation=args.truncation, batch_tokens=args.batch_tokens,
         part_tokens=args.part_tokens, dtype=args.dtype, device=args.device, return_entropy=args.entropy,
-        resume=args.resume, progress=args.progress,
+        resume=args.resume, progress=args.progress, packing=args.packing,
+        attn_implementation=args.attn_implementation,
     )
     if dist_utils.is_main():
         prov = read_json(Path(store) / PROVENANCE_FILE)

@@ -41,6 +41,7 @@ from t3s.bottleneck import Bottleneck, OnlineBottleneckDetector
 from t3s.config import Config
 from t3s.data import IGNORE_INDEX, TokenizedExample, collate, pack_examples
 from t3s.io import atomic_path, write_json_atomic
+from t3s.packing import model_attn_implementation, packed_model_inputs, resolve_attn_implementation
 
 EvalHook = Callable[["SFTRecipe", int], dict[str, float]]
 
@@ -72,6 +73,7 @@ def load_model(path: str, *, dtype: str = "fp32", attn_implementation: str | Non
 
     hf_logging.disable_progress_bar()  # our own bars only
     kw: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True}
+    attn_implementation = resolve_attn_implementation(attn_implementation, device)
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(path, **kw).to(device)
@@ -322,11 +324,11 @@ class SFTRecipe:
         for chunk in chunks:
             if self.cfg.train.packing:
                 for row in pack_examples(chunk, max_tokens=max(self.cfg.data.max_length, max(map(len, chunk)))):
-                    batch = {"input_ids": row.input_ids, "labels": row.labels, "position_ids": row.position_ids,
-                             "token_weight": row.token_weight if row.token_weight is not None else
-                             (row.labels != IGNORE_INDEX).float()}
-                    if (self.cfg.model.attn_implementation or "") != "flash_attention_2":
-                        batch["attention_mask"] = row.attention_mask_4d()
+                    # per-document attention from position_ids (varlen flash; transformers builds the mask otherwise)
+                    batch = {k: v for k, v in packed_model_inputs(row, model_attn_implementation(self.lm)).items()
+                             if v is not None}
+                    batch.update(labels=row.labels, token_weight=row.token_weight if row.token_weight is not None
+                                 else (row.labels != IGNORE_INDEX).float())
                     out.append(batch)
             else:
                 batch = collate(chunk, pad)
