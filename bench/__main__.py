@@ -10,12 +10,14 @@ import pkgutil
 import sys
 from pathlib import Path
 
-_NOT_BENCHMARKS = {"common", "__main__", "__init__"}
+_NOT_BENCHMARKS = {"common", "__main__", "__init__", "conftest"}
 
 
 def available() -> list[str]:
     here = Path(__file__).resolve().parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_BENCHMARKS)
+    # test_*.py are pytest-benchmark micro-benchmarks (bench/test_micro.py), run through pytest
+    return sorted(m.name for m in pkgutil.iter_modules([str(here)])
+                  if m.name not in _NOT_BENCHMARKS and not m.name.startswith("test_"))
 
 
 def main(argv: list[str] | None = None) -> int:

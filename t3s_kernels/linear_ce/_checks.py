@@ -45,9 +45,12 @@ NEGATIVE_MEAN_WEIGHT = (
 
 
 def value_check_mode(device: torch.device) -> str:
-    """``"skip"`` on meta tensors, ``"eager"`` off CUDA or with ``T3S_CHECK_INPUTS=1``, else ``"async"``."""
+    """``"skip"`` on meta tensors, ``"async"`` under ``torch.compile``, ``"eager"`` off CUDA or with
+    ``T3S_CHECK_INPUTS=1``, else ``"async"``."""
     if device.type == "meta":
         return "skip"
+    if torch.compiler.is_compiling():  # a traced graph must not sync with the host
+        return "async"
     if device.type != "cuda" or os.environ.get("T3S_CHECK_INPUTS", "0") == "1":
         return "eager"
     return "async"

@@ -15,6 +15,9 @@ eagerly and raise ``ValueError``. On CUDA an eager check would force a host sync
 run as ``torch._assert_async`` (device-side assert, no sync: a bad target aborts the CUDA context with the message
 below instead of raising a Python error); set ``T3S_CHECK_INPUTS=1`` to get the eager, synchronising
 ``ValueError`` on CUDA as well. Meta tensors skip them.
+
+Under ``torch.compile`` both functionals trace to ``torch.library`` custom ops (:mod:`.ops`) with no graph break and
+no host sync (value checks become device-side asserts on every device); eager calls run as before.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from .._guards import reject_transforms
 from .._triton import IMPLS, resolve_impl
 from . import _checks
+from . import ops as _ops  # registers the torch.library ops used under torch.compile
 from .function import CEOptions, StatsOptions, chunked_cross_entropy, linear_token_stats
 from .vocab_parallel import VocabParallel, resolve_vocab_parallel, vocab_parallel_token_stats
 
@@ -178,6 +182,9 @@ def _autocast_entry(fn):
 
 
 def _token_stats(hidden, weight, bias, targets, opts, backend, vp):
+    if vp is None and torch.compiler.is_compiling():
+        # traced as the custom op t3s::token_stats (eager calls never go through it)
+        return _ops.token_stats(hidden, weight, bias, targets, opts, backend)
     if vp is None:
         return linear_token_stats(hidden, weight, bias, targets, opts, backend)
     return vocab_parallel_token_stats(hidden, weight, bias, targets, opts, backend, vp)
@@ -192,7 +199,6 @@ def _needs_grad(*tensors) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.compiler.disable
 @_autocast_entry
 def linear_cross_entropy(
     hidden: torch.Tensor,
@@ -309,6 +315,14 @@ def linear_cross_entropy(
     if normalizer is not None:
         _checks.check_normalizer(normalizer, reduction, fn)
     shift = _checks.check_shift(shift, targets, fn)
+    if (torch.compiler.is_compiling() and vp is None and reduction != "none" and not return_lse
+            and _needs_grad(hidden, weight, bias)):
+        # the compiled graph calls this whole function as one custom op (t3s::lce_reduced)
+        return _ops.lce_reduced(
+            hidden, weight, targets, bias=bias, token_weight=token_weight, class_weight=class_weight,
+            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, temperature=temperature, shift=shift, impl=impl, strategy=strategy,
+        )
     if shift:  # position t is scored against targets[..., t + shift]; the last `shift` positions have no target
         n_pad = min(shift, targets.shape[-1])
         pad = targets.new_full((*targets.shape[:-1], n_pad), ignore_index)
@@ -406,7 +420,6 @@ def linear_cross_entropy(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@torch.compiler.disable
 @_autocast_entry
 def token_logprobs(
     hidden: torch.Tensor,
