@@ -25,6 +25,8 @@ def _functorch_kind(t: torch.Tensor) -> str | None:
 
 def reject_transforms(fn: str, alternative: str, **tensors) -> None:
     """``TypeError`` when any of ``tensors`` (name → tensor or ``None``) is a ``torch.func`` wrapper."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the functorch query; compiled calls reach the ops
+        return
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor):
             kind = _functorch_kind(t)

@@ -50,6 +50,7 @@ CE_CASES = {
     "mean+normalizer": dict(reduction="mean", weights=True, normalizer=True),
     "none+random-grad": dict(reduction="none", weights=True),
     "mean+return_lse": dict(reduction="mean", return_lse=True),
+    "mean+class_weight+shift2": dict(reduction="mean", class_weight=True, shift=2),
 }
 
 
@@ -58,12 +59,15 @@ def test_compiled_training_step_matches_eager(setup, case):
     lin, W, b, x, y, tw = setup
     c = dict(CE_CASES[case])
     weights, use_norm = c.pop("weights", False), c.pop("normalizer", False)
+    if c.pop("class_weight", False):
+        c["class_weight"] = torch.rand(V) + 0.5
+    c.setdefault("shift", True)
     g_out = torch.randn(2, 6)
     norm = torch.tensor(17.0)
 
     def fwd(x, y, tw, norm, g_out):
         h = torch.tanh(lin(x))
-        out = linear_cross_entropy(h, W, y, bias=b, token_weight=tw if weights else None, shift=True,
+        out = linear_cross_entropy(h, W, y, bias=b, token_weight=tw if weights else None,
                                    normalizer=norm if use_norm else None, **c)
         if c.get("return_lse"):
             loss, lse = out
