@@ -359,8 +359,8 @@ def linear_cross_entropy(
         sopts = StatsOptions(
             ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), want_sumz=eps > 0
         )
-        lse, tgt, sumz, _ = linear_token_stats(h2, weight, bias, y, sopts, backend)
-        per_tok = (1.0 - eps) * (lse - tgt)  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
+        lse, nll, sumz, _ = linear_token_stats(h2, weight, bias, y, sopts, backend)
+        per_tok = (1.0 - eps) * nll  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
         if eps > 0:
             per_tok = per_tok + eps * (lse - sumz / V)
         if zl > 0:
@@ -438,8 +438,8 @@ def token_logprobs(
     shape = tuple(targets.shape)
     sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
                          want_sumz=False, want_entropy=bool(return_entropy))
-    lse, tgt, _, ent = linear_token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend)
-    logprob = (tgt - lse).reshape(shape)
+    lse, nll, _, ent = linear_token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend)
+    logprob = (-nll).reshape(shape)
     return TokenLogprobs(
         logprob,
         ent.reshape(shape) if return_entropy else None,
