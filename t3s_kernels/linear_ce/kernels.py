@@ -62,16 +62,17 @@ _AUTOTUNE = os.environ.get("T3S_AUTOTUNE", "0") == "1"
 
 @triton.jit
 def _tanh(x):
-    """tanh in fp32 as accurate as torch's (≲ 2 ulp): an odd minimax polynomial for ``|x| < 0.625`` (Cephes
-    ``tanhf``; ``1 − 2/(e^{2x}+1)`` would lose up to 1e-3 relative there to cancellation), ``1 − 2/(e^{2|x|}+1)``
-    with the sign restored above (exact limits ±1, no NaN for large ``|x|``). Plain ``tl`` ops, so the interpreter
-    runs the same formula (libdevice does not run there)."""
+    """tanh in fp32 to ≲ 2 ulp (torch's fp32 error ×≤ 2): an odd minimax polynomial for ``|x| < 0.625`` (Cephes
+    ``tanhf``; ``1 − 2/(e^{2x}+1)`` loses up to 1e-3 relative there to cancellation), ``1 − 2e/(1+e)`` with
+    ``e = e^{−2|x|} ≤ 0.29`` and the sign restored above (never overflows; exact limits ±1). Plain ``tl`` ops, so the
+    interpreter runs the same formula (libdevice does not run there)."""
     b_ax = tl.abs(x)
     b_z = x * x
     b_p = ((((-5.70498872745e-3 * b_z + 2.06390887954e-2) * b_z - 5.37397155531e-2) * b_z + 1.33314422036e-1) * b_z
            - 3.33332819422e-1)
     b_small = x + x * b_z * b_p
-    b_large = 1.0 - 2.0 / (tl.exp(2.0 * b_ax) + 1.0)
+    b_e = tl.exp(-2.0 * b_ax)
+    b_large = 1.0 - 2.0 * b_e / (1.0 + b_e)
     b_large = tl.where(x < 0, -b_large, b_large)
     return tl.where(b_ax < 0.625, b_small, b_large)
 
@@ -596,7 +597,6 @@ def _common(hidden, weight, bias, targets, opts):
     )
 
 
-FWD_MAX_SPLITS = 64
 _INTERPRET_SPLITS = 3  # device-free rule under the interpreter: tests see several splits on small vocabularies
 _DEVICE_SLOTS: dict[str, tuple[int, int]] = {}
 
@@ -621,9 +621,10 @@ def fwd_splits(N: int, V: int, D: int, block_n: int, block_v: int, elt_bytes: in
       re-reads never go to HBM: ``S ≥ P · block_n · D · elt / (L2 / 2)``. ``W`` is then read from HBM once per
       wave of row blocks: ``cdiv(N, block_n) · S / P`` passes over ``W``.
     * waves: among ``S`` from that floor up to 8 waves' worth, take the one with the best wave efficiency
-      ``work / (waves · P · tiles_per_split)``, the smallest ``S`` within 2 % of the best (fewer ``W`` passes).
+      ``work / (waves · P · tiles_per_split)``, the smallest ``S`` within 5 % of the best (fewer ``W`` passes).
 
-    The result never leaves a split empty (``S = cdiv(v_tiles, cdiv(v_tiles, S))``).
+    The result never leaves a split empty (``S = cdiv(v_tiles, cdiv(v_tiles, S))``); the workspace
+    ``5 · S · N · 4`` bytes stays small (``S · cdiv(N, block_n) ≤ 8 P`` unless the L2 floor is higher).
     """
     v_tiles = max(1, -(-V // block_v))
     if sms is None:
@@ -632,7 +633,7 @@ def fwd_splits(N: int, V: int, D: int, block_n: int, block_v: int, elt_bytes: in
         slots = max(1, sms * ctas_per_sm)
         n_blocks = max(1, -(-N // block_n))
         s_lo = min(v_tiles, max(1, -(-(slots * block_n * D * elt_bytes) // max(1, l2_bytes // 2))))
-        s_hi = min(v_tiles, FWD_MAX_SPLITS, max(s_lo, -(-8 * slots // n_blocks)))
+        s_hi = min(v_tiles, max(s_lo, -(-8 * slots // n_blocks)))
         s_lo = min(s_lo, s_hi)
 
         def efficiency(s):
@@ -642,7 +643,7 @@ def fwd_splits(N: int, V: int, D: int, block_n: int, block_v: int, elt_bytes: in
 
         eff = {s: efficiency(s) for s in range(s_lo, s_hi + 1)}
         best = max(eff.values())
-        s = min(s for s, e in eff.items() if e >= best - 0.02)
+        s = min(s for s, e in eff.items() if e >= best - 0.05)
     return -(-v_tiles // -(-v_tiles // s))
 
 
