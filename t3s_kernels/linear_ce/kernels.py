@@ -2,12 +2,25 @@
 
 Kernels (``N`` rows of ``hidden [N, D]``, ``V`` rows of ``weight [V, D]``; ``z = cap(h·Wᵀ + b) / temperature``):
 
-* ``_lce_stats_fwd_kernel`` — fused forward, grid over row blocks. Per ``[BLOCK_N, BLOCK_V]`` tile the logits are
-  accumulated in fp32 by a ``tl.dot`` loop over ``D``; online max / Σexp gives the LSE, the target logit is picked
-  from the same accumulator, optional ``Σz`` and ``Σ e^{z−m}(z−m)`` (entropy, kept relative to the running max so
-  large logits do not cancel). Rows are visited in ``row_order`` (active rows first, a device-side stable
-  argsort), and blocks past the device-side active count exit after writing zeros: ignored / zero-weight rows cost
-  no GEMM work and no host sync is needed.
+* ``_lce_stats_fwd_kernel`` — fused forward on a 2-D grid, (row block × vocabulary split), flattened in grouped
+  order ``pid = i_n · splits + i_s``: the ``splits`` programs of one row block run side by side, so their re-reads
+  of the ``[BLOCK_N, D]`` block of ``h`` hit L2, and a wave of ``P`` resident programs streams each vocabulary
+  slice of ``W`` once from HBM for its ``P / splits`` row blocks. A program runs ``cdiv(cdiv(V, BLOCK_V), splits)``
+  V tiles (the last split fewer); per tile the fp32 logits come from a loop of ``cdiv(D, BLOCK_D)``
+  ``[BLOCK_N, BLOCK_D] × [BLOCK_D, BLOCK_V]`` ``tl.dot`` steps, then an online max / Σe^{z−m} / Σe^{z−m}(z−m)
+  (entropy), the target logit (from the same accumulator) and Σz. Each program writes its partials to an fp32
+  ``[5, splits, N]`` workspace; :func:`_combine_splits` merges them deterministically (fixed-order torch
+  reductions) and returns the loss relative to the row max, ``nll = log S + (M − z_y)``, so it never cancels at
+  large logits. Rows are visited in ``row_order`` (active rows first, a device-side stable argsort); programs whose
+  row block is past the device-side active count exit at once: ignored / zero-weight rows cost no GEMM work and no
+  host sync is needed. ``splits`` comes from :func:`fwd_splits` (SM count, L2 size, occupancy; a fixed rule under
+  the interpreter) and :func:`fwd_plan` states the whole launch.
+
+  Cost, per forward (``n_b = cdiv(N_active, BLOCK_N)`` active row blocks, ``P`` resident programs): tensor-core
+  FLOPs ``2 · n_b·BLOCK_N · V · D`` (padded to tiles); L2→SMEM operand traffic ``n_b·BLOCK_N · V · D · elt ·
+  (1/BLOCK_V + 1/BLOCK_N)`` (a plain tiled GEMM's); HBM ``h`` once (``N · D · elt``) + ``W`` ``n_b · splits / P``
+  times (``V · D · elt`` each) + the workspace (``20 · splits · N`` bytes written and read once); elementwise
+  ~20 fp32 ops per logit (exp, max, sums; + tanh with soft-capping) against ``2 · D`` tensor-core FLOPs.
 * ``_lce_bwd_dh_kernel`` — recompute backward for ``dhidden``: grid over row blocks, loop over V tiles, form
   ``dx`` (fp32) in registers and accumulate ``dx·W`` into an fp32 ``[N, D]`` buffer owned by the program.
 * ``_lce_bwd_dw_kernel`` — recompute backward for ``dweight`` / ``dbias``: grid over V tiles, loop over the active
@@ -25,6 +38,9 @@ or ``[BLOCK_V, D]`` (``dW``) slab once per tile of the other axis, so at LLM sha
 bandwidth-bound (~0.6 TB of fp32 traffic each at N = 32k); they win when most rows are inactive (sparse masks,
 prompt tokens) and give deterministic, bit-reproducible gradients. The chunked backward costs 6·N·D·V at cuBLAS
 speed plus ``~6·chunk·V`` bytes of workspace traffic per chunk. Pick with a benchmark on the target GPU.
+
+Outputs of the primitive: ``(lse, nll = lse − z_y, Σz, entropy)``; its backward maps ``g_nll`` to ``g_lse += g_nll``,
+``g_tgt = −g_nll`` (see :class:`~.function.LinearTokenStatsFunction`).
 
 Backward of the primitive (per row, upstream ``g_lse, g_tgt, g_sumz, g_ent``; ``p = softmax(z)``)::
 
@@ -46,6 +62,8 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "active_rows",
     "fused_backward_mode",
+    "fwd_plan",
+    "fwd_splits",
     "lce_chunked",
     "lce_stats_bwd",
     "lce_stats_fwd",
@@ -484,16 +502,16 @@ def _lce_chunk_bwd_row_kernel(
 # Shipped configs, (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel and operand width: each was
 # compiled for sm_90 (triton 3.9) and is free of register spills (ptxas STACK 0); speed is unmeasured here.
 _CONFIGS = {
-    ("fwd", 2): (128, 64, 64, 8, 3),
+    ("fwd", 2): (128, 128, 64, 8, 3),
     ("dh", 2): (64, 128, 64, 8, 3),
     ("dw", 2): (64, 64, 64, 8, 3),
-    ("fwd", 4): (64, 64, 32, 8, 2),
+    ("fwd", 4): (64, 64, 32, 4, 2),
     ("dh", 4): (32, 64, 32, 8, 2),
     ("dw", 4): (32, 64, 32, 8, 2),
 }
 # Programs of the fused forward resident per SM with its shipped config (registers and shared memory of the sm_90
 # compile, checked by tests/kernels/_aot_compile.py); the split rule sizes waves with it.
-_CTAS_PER_SM = {("fwd", 2): 1, ("fwd", 4): 1}
+_CTAS_PER_SM = {("fwd", 2): 1, ("fwd", 4): 2}
 
 
 def _tile_config(kind: str, dtype: torch.dtype) -> dict:
@@ -647,21 +665,40 @@ def fwd_splits(N: int, V: int, D: int, block_n: int, block_v: int, elt_bytes: in
     return -(-v_tiles // -(-v_tiles // s))
 
 
-def fwd_plan(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | None = None) -> dict:
-    """Launch plan of the fused forward (what the cost model counts): tiles, splits, grid and loop trip counts.
+def fwd_plan(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | None = None, *,
+             sms: int | None = None, l2_bytes: int | None = None, n_active: int | None = None) -> dict:
+    """Launch plan of the fused forward and its counts (what a cost model reads; nothing is launched).
 
     ``grid = cdiv(N, BLOCK_N) · splits`` programs; an active program runs ``tiles_per_split`` V tiles (the last
-    split fewer), each a loop of ``cdiv(D, BLOCK_D)`` ``[BLOCK_N, BLOCK_D] × [BLOCK_D, BLOCK_V]`` dots.
+    split fewer), each a loop of ``d_steps = cdiv(D, BLOCK_D)`` ``[BLOCK_N, BLOCK_D] × [BLOCK_D, BLOCK_V]`` dots.
+    The SM count / L2 size come from ``device`` (CUDA) or ``sms`` / ``l2_bytes`` (e.g. an H100's 132 / 50 MiB on a
+    CPU machine); neither: the interpreter's fixed rule. Counts for ``n_active`` active rows (default ``N``):
+    ``flops`` (tensor-core, tile-padded), ``l2_operand_bytes`` (operand tiles loaded into shared memory),
+    ``hbm_bytes`` (``h`` once, ``W`` once per wave of row blocks, the partials workspace written and read),
+    ``workspace_bytes``.
     """
-    cfg = _tile_config("fwd", dtype)
-    cuda = device is not None and device.type == "cuda" and not interpreting()
-    sms, l2 = _device_slots(device) if cuda else (None, 0)
+    width = 4 if dtype == torch.float32 else 2
+    if sms is None and device is not None and device.type == "cuda" and not interpreting():
+        sms, l2_bytes = _device_slots(device)
+    cfg = _tile_config("fwd", dtype) if sms is None else dict(zip(
+        ("BLOCK_N", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages"), _CONFIGS[("fwd", width)]))
+    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
     elt = torch.finfo(dtype).bits // 8
-    splits = fwd_splits(N, V, D, cfg["BLOCK_N"], cfg["BLOCK_V"], elt, sms, l2 or 50 * 2**20,
-                        _CTAS_PER_SM.get(("fwd", 4 if dtype == torch.float32 else 2), 1))
-    v_tiles = max(1, triton.cdiv(V, cfg["BLOCK_V"]))
-    return dict(cfg, splits=splits, tiles_per_split=triton.cdiv(v_tiles, splits),
-                grid=triton.cdiv(N, cfg["BLOCK_N"]) * splits, d_steps=triton.cdiv(D, cfg["BLOCK_D"]))
+    ctas = _CTAS_PER_SM.get(("fwd", width), 1)
+    splits = fwd_splits(N, V, D, bn, bv, elt, sms, l2_bytes or 50 * 2**20, ctas)
+    v_tiles = max(1, triton.cdiv(V, bv))
+    per = triton.cdiv(v_tiles, splits)
+    n_b = triton.cdiv(N if n_active is None else n_active, bn)
+    d_steps = triton.cdiv(D, bd)
+    slots = (sms or 1) * ctas
+    workspace = 5 * splits * N * 4
+    return dict(
+        cfg, splits=splits, tiles_per_split=per, grid=triton.cdiv(N, bn) * splits, d_steps=d_steps,
+        flops=2 * n_b * bn * v_tiles * bv * d_steps * bd,
+        l2_operand_bytes=n_b * v_tiles * d_steps * (bn + bv) * bd * elt,
+        hbm_bytes=n_b * bn * D * elt + max(1.0, n_b * splits / slots) * V * D * elt + 2 * workspace,
+        workspace_bytes=workspace,
+    )
 
 
 def _combine_splits(part, active, want_sumz, want_entropy):

@@ -325,9 +325,9 @@ def test_autotuned_launch_rejects_aliased_reset_arguments():
 def test_split_rule_fills_the_gpu_and_keeps_h_in_l2(N):
     """H100 numbers (132 SMs, 50 MB L2), the shipped bf16 tile: enough programs for the SMs, the resident h blocks
     within half of L2, wave efficiency ≥ 90 % where there is enough work, and no empty split."""
-    bn, bv = 128, 64
+    bn, bv = K._CONFIGS[("fwd", 2)][:2]
     V, D, sms, l2 = 151936, 4096, 132, 50 * 2**20
-    s = K.fwd_splits(N, V, D, bn, bv, 2, sms, l2)
+    s = K.fwd_splits(N, V, D, bn, bv, 2, sms, l2, K._CTAS_PER_SM[("fwd", 2)])
     v_tiles = triton.cdiv(V, bv)
     per = triton.cdiv(v_tiles, s)
     assert triton.cdiv(v_tiles, per) == s  # no empty split
