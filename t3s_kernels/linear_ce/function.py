@@ -1,8 +1,9 @@
 """Autograd glue between the public functionals and the Triton launchers.
 
 * :class:`LinearTokenStatsFunction` — the fused strategy: per-token ``(lse, nll[, sumz][, entropy])`` in one
-  pass (``nll = lse − z_y`` formed relative to the row max, so it keeps its precision at large logits) that stores nothing ``[N, V]``; the backward takes arbitrary upstream gradients of every statistic,
-  recomputes the logits tile by tile and returns ``(dhidden, dweight, dbias)``.
+  pass that stores nothing ``[N, V]`` (``nll = lse − z_y`` formed relative to the row max, so it keeps its
+  precision at large logits); the backward takes arbitrary upstream gradients of every statistic, recomputes
+  the logits tile by tile and returns ``(dhidden, dweight, dbias)``.
 * :class:`LinearCEChunkedFunction` — the chunked strategy for a reduced cross-entropy: the gradients are computed
   in the forward (the upstream gradient is a known per-token coefficient times a scalar), the backward only
   scales them by the scalar ``grad_output``.

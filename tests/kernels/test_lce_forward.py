@@ -240,7 +240,7 @@ def test_softcapped_logits_as_accurate_as_torch(cap):
 def test_softcap_gradient_precision_at_cap_30(splits):
     """Gradients through soft-capping at cap 30 (Gemma 2) against float64, budget from plain fp32 PyTorch."""
     splits(2)
-    h, W, b, y = _inputs(37, 190, 29, torch.float32, bias=True, seed=11, h_scale=8.0)
+    h, W, b, y = _inputs(37, 190, 29, torch.float32, bias=True, seed=11, h_scale=1.0)
 
     def ours(h_, W_, b_):
         return linear_cross_entropy(h_, W_, y, bias=b_, reduction="none", softcap=30.0, impl="triton",
