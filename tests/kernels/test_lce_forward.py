@@ -114,6 +114,10 @@ def test_split_grid_skips_inactive_blocks_without_host_sync(splits, monkeypatch)
     _check_forward(h, W, b, y, torch.float32)
     v_tiles = triton.cdiv(130, K._tile_config("fwd", torch.float32)["BLOCK_V"])
     assert len(tiles) == v_tiles  # one active row block, each of its V tiles once (over 2 splits)
+    # the plan's FLOP count is the kernel's tile loops: tiles × d_steps dots of [BN, BD] × [BD, BV]
+    plan = K.fwd_plan(4 * bn, 130, 16, torch.float32, n_active=bn)
+    assert plan["splits"] == 2 and plan["grid"] == 4 * 2
+    assert plan["flops"] == len(tiles) * plan["d_steps"] * 2 * bn * plan["BLOCK_V"] * plan["BLOCK_D"]
 
 
 @pytest.mark.parametrize("n_splits", [1, 4])
@@ -340,3 +344,29 @@ def test_split_rule_fills_the_gpu_and_keeps_h_in_l2(N):
     eff = n_blocks * v_tiles / (waves * sms * per)
     if N >= 4096:
         assert eff >= 0.9, (s, eff)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# on a GPU (compiled kernels, the device's split rule)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_softcapped_logits_as_accurate_as_torch():
+    x = torch.cat([torch.linspace(-300, 300, 600001), torch.logspace(-8, 1.5, 3000)]).cuda()
+    for cap in (30.0, 5.0):
+        z64 = cap * torch.tanh(x.double() / cap)
+        err_ours = (cap * _kernel_tanh(x / cap) - z64).abs().max().item()
+        err_torch = (cap * torch.tanh(x / cap) - z64).abs().max().item()
+        assert err_ours <= 2 * err_torch, (cap, err_ours, err_torch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_forward_at_a_real_vocabulary(dtype):
+    """Compiled kernel, the device's split rule (several splits at this N), V = 151936, bf16 / fp16."""
+    h, W, b, y = _inputs(1024, 151936, 1024, dtype, seed=21)
+    h, W, y = h.cuda(), W.cuda(), y.cuda()
+    plan = K.fwd_plan(1024, 151936, 1024, dtype, h.device)
+    assert plan["splits"] > 1
+    _check_forward(h, W, None, y, dtype)
