@@ -1,6 +1,8 @@
 """Triton kernel of the block-diffusion union mask and its host launcher.
 
-One program handles ``NBLK`` consecutive diffusion blocks of one document as a ``[NBLK, BS_P2]`` tile
+One program handles ``NBLK`` consecutive diffusion blocks of one document as a ``[NBLK, BS_P2]`` tile; the grid is
+1-D, ``n_docs · cdiv(max_blocks, NBLK)`` programs (document-major), so any number of documents fits (CUDA caps grid
+axes 1 and 2 at 65535)
 (``BS_P2`` = next power of two ≥ block size), so per-block counts are row sums of the tile: no atomics, and any
 block size works. Uniforms are ``tl.rand(seed, step · 2**32 + g)`` with ``g`` the global token index, so the mask
 does not depend on the tiling, the grid or the batch split (see :mod:`.reference` for the exact layout).
@@ -64,6 +66,7 @@ if HAS_TRITON:
         seed,  # 64-bit Philox key
         rng_base,  # step * 2**32 + token_offset
         mask_id,
+        n_chunks,  # programs per document: cdiv(max_blocks, NBLK)
         BS: tl.constexpr,
         BS_P2: tl.constexpr,
         NBLK: tl.constexpr,
@@ -72,7 +75,10 @@ if HAS_TRITON:
         HAS_COMP: tl.constexpr,
         ALIGNED: tl.constexpr,  # every document starts at a multiple of 16 tokens (padded rows, L % 16 == 0)
     ):
-        i_c, i_d = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        # 1-D grid (axis 0 allows 2^31 - 1 programs; axes 1 and 2 stop at 65535): pid = document · n_chunks + chunk
+        pid = tl.program_id(0).to(tl.int64)
+        i_d = pid // n_chunks
+        i_c = pid % n_chunks
         b_blk0 = tl.load(blk_ptr_ptr + i_d)
         b_nb = tl.load(blk_ptr_ptr + i_d + 1) - b_blk0
         if i_c * NBLK >= b_nb:
@@ -134,6 +140,21 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0
+
+
+def union_mask_grid(n_docs: int, max_blocks: int, nblk: int) -> tuple[tuple[int], int]:
+    """``((programs,), chunks per document)``: a 1-D grid of ``n_docs · cdiv(max_blocks, nblk)`` programs."""
+    n_chunks = -(-max_blocks // nblk)
+    programs = n_docs * n_chunks
+    if programs > MAX_GRID_X:
+        raise ValueError(
+            f"union mask: {n_docs} documents × {n_chunks} programs each exceeds CUDA's grid limit {MAX_GRID_X}; "
+            "split the batch"
+        )
+    return (programs,), n_chunks
+
+
 def union_mask_triton(
     ids: torch.Tensor,
     maskable: torch.Tensor,
@@ -159,13 +180,13 @@ def union_mask_triton(
     aligned: bool = False,
     tokens_per_program: int = 1024,
 ) -> None:
-    """Launch :func:`_union_mask_fwd_kernel` over ``(ceil(max_blocks / NBLK), N)`` programs; writes the outputs."""
+    """Launch :func:`_union_mask_fwd_kernel` over :func:`union_mask_grid` programs; writes the outputs."""
     n_docs = doc_start.numel()
     if n_docs == 0 or max_blocks == 0:
         return
     bs_p2 = _next_pow2(block_size)
     nblk = max(1, min(_next_pow2(max_blocks), max(1, tokens_per_program // bs_p2)))
-    grid = (triton.cdiv(max_blocks, nblk), n_docs)
+    grid, n_chunks = union_mask_grid(n_docs, max_blocks, nblk)
     u8 = lambda x: None if x is None else x.view(torch.uint8)  # noqa: E731
     nc, wc, cc, kc = comp_out if comp_out is not None else (None, None, None, None)
     wrc, wtc = wc_blk if wc_blk is not None else (None, None)
@@ -193,6 +214,7 @@ def union_mask_triton(
         seed=seed,
         rng_base=rng_base,
         mask_id=mask_token_id,
+        n_chunks=n_chunks,
         BS=block_size,
         BS_P2=bs_p2,
         NBLK=nblk,

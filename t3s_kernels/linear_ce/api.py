@@ -388,8 +388,8 @@ def linear_cross_entropy(
         sopts = StatsOptions(
             ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), want_sumz=eps > 0
         )
-        lse, tgt, sumz, _ = _token_stats(h2, weight, bias, y, sopts, backend, vp)
-        per_tok = (1.0 - eps) * (lse - tgt)  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
+        lse, nll, sumz, _ = _token_stats(h2, weight, bias, y, sopts, backend, vp)
+        per_tok = (1.0 - eps) * nll  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
         if eps > 0:
             per_tok = per_tok + eps * (lse - sumz / (vp.vocab_size if vp is not None else V))
         if zl > 0:
@@ -469,8 +469,8 @@ def token_logprobs(
     shape = tuple(targets.shape)
     sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
                          want_sumz=False, want_entropy=bool(return_entropy))
-    lse, tgt, _, ent = _token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend, vp)
-    logprob = (tgt - lse).reshape(shape)
+    lse, nll, _, ent = _token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend, vp)
+    logprob = (-nll).reshape(shape)
     return TokenLogprobs(
         logprob,
         ent.reshape(shape) if return_entropy else None,

@@ -1,8 +1,9 @@
 """Autograd glue between the public functionals and the Triton launchers.
 
-* :class:`LinearTokenStatsFunction` — the fused strategy: per-token ``(lse, tgt[, sumz][, entropy])`` in one
-  pass that stores nothing ``[N, V]``; the backward takes arbitrary upstream gradients of every statistic,
-  recomputes the logits tile by tile and returns ``(dhidden, dweight, dbias)``.
+* :class:`LinearTokenStatsFunction` — the fused strategy: per-token ``(lse, nll[, sumz][, entropy])`` in one
+  pass that stores nothing ``[N, V]`` (``nll = lse − z_y`` formed relative to the row max, so it keeps its
+  precision at large logits); the backward takes arbitrary upstream gradients of every statistic, recomputes
+  the logits tile by tile and returns ``(dhidden, dweight, dbias)``.
 * :class:`LinearCEChunkedFunction` — the chunked strategy for a reduced cross-entropy: the gradients are computed
   in the forward (the upstream gradient is a known per-token coefficient times a scalar), the backward only
   scales them by the scalar ``grad_output``.
@@ -58,17 +59,18 @@ def _kernels():
 
 
 class LinearTokenStatsFunction(torch.autograd.Function):
-    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N]) -> (lse, tgt[, sumz][, entropy])``, fp32 [N]."""
+    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N]) -> (lse, nll[, sumz][, entropy])``, fp32
+    [N]; ``nll = lse − z_y``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, opts: StatsOptions):
         k = _kernels()
         row_order, n_active = k.active_rows(targets, opts.ignore_index)
-        lse, tgt, sumz, ent = k.lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts)
+        lse, nll, sumz, ent = k.lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts)
         ctx.opts = opts
         ctx.save_for_backward(hidden, weight, bias, targets, row_order, n_active, lse, ent)
         ctx.set_materialize_grads(False)
-        outs = [lse, tgt]
+        outs = [lse, nll]
         if opts.want_sumz:
             outs.append(sumz)
         if opts.want_entropy:
@@ -80,7 +82,11 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         opts: StatsOptions = ctx.opts
         hidden, weight, bias, targets, row_order, n_active, lse, ent = ctx.saved_tensors
         grads = list(grads)
-        g_lse, g_tgt = grads[0], grads[1]
+        g_lse, g_nll = grads[0], grads[1]
+        # nll = lse − z_y: its gradient adds to the LSE's and enters the target logit's with the opposite sign
+        g_tgt = None if g_nll is None else -g_nll
+        if g_nll is not None:
+            g_lse = g_nll if g_lse is None else g_lse + g_nll
         g_sumz = grads[2] if opts.want_sumz else None
         g_ent = grads[-1] if opts.want_entropy else None
         need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -121,13 +127,14 @@ class LinearCEChunkedFunction(torch.autograd.Function):
 
 
 def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backend: str):
-    """Dispatch the primitive: returns ``(lse, tgt, sumz | None, entropy | None)`` as ``[N]`` tensors."""
+    """Dispatch the primitive: returns ``(lse, nll, sumz | None, entropy | None)`` as ``[N]`` tensors, ``nll = lse −
+    z_y`` (the reference forms it from its own ``lse`` and ``tgt``; the kernels relative to the row max)."""
     if backend == "reference" or hidden.dtype == torch.float64 or hidden.shape[0] == 0:
         r = reference_token_stats(
             hidden, weight, targets, bias=bias, ignore_index=opts.ignore_index, softcap=opts.softcap,
             temperature=opts.temperature, want_sumz=opts.want_sumz, want_entropy=opts.want_entropy,
         )
-        return r.lse, r.tgt, r.sumz, r.entropy
+        return r.lse, r.lse - r.tgt, r.sumz, r.entropy
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:  # one fused forward pass, nothing saved
         k = _kernels()
@@ -135,10 +142,10 @@ def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backen
         with torch.no_grad():
             return k.lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts)
     outs = list(LinearTokenStatsFunction.apply(hidden, weight, bias, targets, opts))
-    lse, tgt = outs[0], outs[1]
+    lse, nll = outs[0], outs[1]
     sumz = outs[2] if opts.want_sumz else None
     ent = outs[-1] if opts.want_entropy else None
-    return lse, tgt, sumz, ent
+    return lse, nll, sumz, ent
 
 
 def chunked_cross_entropy(hidden, weight, bias, targets, coef, opts: CEOptions):

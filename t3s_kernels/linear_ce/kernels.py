@@ -2,12 +2,25 @@
 
 Kernels (``N`` rows of ``hidden [N, D]``, ``V`` rows of ``weight [V, D]``; ``z = cap(h·Wᵀ + b) / temperature``):
 
-* ``_lce_stats_fwd_kernel`` — fused forward, grid over row blocks. Per ``[BLOCK_N, BLOCK_V]`` tile the logits are
-  accumulated in fp32 by a ``tl.dot`` loop over ``D``; online max / Σexp gives the LSE, the target logit is picked
-  from the same accumulator, optional ``Σz`` and ``Σ e^{z−m}(z−m)`` (entropy, kept relative to the running max so
-  large logits do not cancel). Rows are visited in ``row_order`` (active rows first, a device-side stable
-  argsort), and blocks past the device-side active count exit after writing zeros: ignored / zero-weight rows cost
-  no GEMM work and no host sync is needed.
+* ``_lce_stats_fwd_kernel`` — fused forward on a 2-D grid, (row block × vocabulary split), flattened in grouped
+  order ``pid = i_n · splits + i_s``: the ``splits`` programs of one row block run side by side, so their re-reads
+  of the ``[BLOCK_N, D]`` block of ``h`` hit L2, and a wave of ``P`` resident programs streams each vocabulary
+  slice of ``W`` once from HBM for its ``P / splits`` row blocks. A program runs ``cdiv(cdiv(V, BLOCK_V), splits)``
+  V tiles (the last split fewer); per tile the fp32 logits come from a loop of ``cdiv(D, BLOCK_D)``
+  ``[BLOCK_N, BLOCK_D] × [BLOCK_D, BLOCK_V]`` ``tl.dot`` steps, then an online max / Σe^{z−m} / Σe^{z−m}(z−m)
+  (entropy), the target logit (from the same accumulator) and Σz. Each program writes its partials to an fp32
+  ``[5, splits, N]`` workspace; :func:`_combine_splits` merges them deterministically (fixed-order torch
+  reductions) and returns the loss relative to the row max, ``nll = log S + (M − z_y)``, so it never cancels at
+  large logits. Rows are visited in ``row_order`` (active rows first, a device-side stable argsort); programs whose
+  row block is past the device-side active count exit at once: ignored / zero-weight rows cost no GEMM work and no
+  host sync is needed. ``splits`` comes from :func:`fwd_splits` (SM count, L2 size, occupancy; a fixed rule under
+  the interpreter) and :func:`fwd_plan` states the whole launch.
+
+  Cost, per forward (``n_b = cdiv(N_active, BLOCK_N)`` active row blocks, ``P`` resident programs): tensor-core
+  FLOPs ``2 · n_b·BLOCK_N · V · D`` (padded to tiles); L2→SMEM operand traffic ``n_b·BLOCK_N · V · D · elt ·
+  (1/BLOCK_V + 1/BLOCK_N)`` (a plain tiled GEMM's); HBM ``h`` once (``N · D · elt``) + ``W`` ``n_b · splits / P``
+  times (``V · D · elt`` each) + the workspace (``20 · splits · N`` bytes written and read once); elementwise
+  ~20 fp32 ops per logit (exp, max, sums; + tanh with soft-capping) against ``2 · D`` tensor-core FLOPs.
 * ``_lce_bwd_dh_kernel`` — recompute backward for ``dhidden``: grid over row blocks, loop over V tiles, form
   ``dx`` (fp32) in registers and accumulate ``dx·W`` into an fp32 ``[N, D]`` buffer owned by the program.
 * ``_lce_bwd_dw_kernel`` — recompute backward for ``dweight`` / ``dbias``: grid over V tiles, loop over the active
@@ -25,6 +38,9 @@ or ``[BLOCK_V, D]`` (``dW``) slab once per tile of the other axis, so at LLM sha
 bandwidth-bound (~0.6 TB of fp32 traffic each at N = 32k); they win when most rows are inactive (sparse masks,
 prompt tokens) and give deterministic, bit-reproducible gradients. The chunked backward costs 6·N·D·V at cuBLAS
 speed plus ``~6·chunk·V`` bytes of workspace traffic per chunk. Pick with a benchmark on the target GPU.
+
+Outputs of the primitive: ``(lse, nll = lse − z_y, Σz, entropy)``; its backward maps ``g_nll`` to ``g_lse += g_nll``,
+``g_tgt = −g_nll`` (see :class:`~.function.LinearTokenStatsFunction`).
 
 Backward of the primitive (per row, upstream ``g_lse, g_tgt, g_sumz, g_ent``; ``p = softmax(z)``)::
 
@@ -46,6 +62,8 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "active_rows",
     "fused_backward_mode",
+    "fwd_plan",
+    "fwd_splits",
     "lce_chunked",
     "lce_stats_bwd",
     "lce_stats_fwd",
@@ -62,8 +80,19 @@ _AUTOTUNE = os.environ.get("T3S_AUTOTUNE", "0") == "1"
 
 @triton.jit
 def _tanh(x):
-    # 1 - 2 / (e^{2x} + 1): exact limits ±1 for large |x| (e^{2x} -> inf or 0), no NaN.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh in fp32 to ≲ 2 ulp (torch's fp32 error ×≤ 2): an odd minimax polynomial for ``|x| < 0.625`` (Cephes
+    ``tanhf``; ``1 − 2/(e^{2x}+1)`` loses up to 1e-3 relative there to cancellation), ``1 − 2e/(1+e)`` with
+    ``e = e^{−2|x|} ≤ 0.29`` and the sign restored above (never overflows; exact limits ±1). Plain ``tl`` ops, so the
+    interpreter runs the same formula (libdevice does not run there)."""
+    b_ax = tl.abs(x)
+    b_z = x * x
+    b_p = ((((-5.70498872745e-3 * b_z + 2.06390887954e-2) * b_z - 5.37397155531e-2) * b_z + 1.33314422036e-1) * b_z
+           - 3.33332819422e-1)
+    b_small = x + x * b_z * b_p
+    b_e = tl.exp(-2.0 * b_ax)
+    b_large = 1.0 - 2.0 * b_e / (1.0 + b_e)
+    b_large = tl.where(x < 0, -b_large, b_large)
+    return tl.where(b_ax < 0.625, b_small, b_large)
 
 
 @triton.jit
@@ -187,36 +216,42 @@ def _lce_dlogits(
 
 @triton.jit
 def _lce_stats_fwd_kernel(
-    h, w, b, y, row_order, n_active, lse, tgt, sumz, ent,
-    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, ignore_index, softcap, inv_temp,
+    h, w, b, y, row_order, n_active, part,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_pf, stride_ps, ignore_index, softcap, inv_temp,
+    n_splits,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_SUMZ: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0).to(tl.int64)
-    o_r = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # positions in row_order
-    m_r = o_r < N
-    o_n = tl.load(row_order + o_r, mask=m_r, other=0).to(tl.int64)  # row ids
+    """One (row block, vocabulary split): partial statistics of ``cdiv(cdiv(V, BLOCK_V), n_splits)`` V tiles
+    (the last split fewer) into ``part``.
+
+    Program order is grouped: ``pid = i_n · n_splits + i_s``, so the programs of one row block run side by side and
+    their re-reads of the ``[BLOCK_N, D]`` block of ``h`` hit L2. ``part`` is fp32 ``[5, n_splits, N]`` (field
+    stride ``stride_pf``, split stride ``stride_ps``): ``m`` (max), ``s = Σ e^{z−m}``, ``a = Σ e^{z−m}(z−m)``,
+    the target logit (0 unless the target column is in this split) and ``Σ z``; only active rows are written.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    i_n = pid // n_splits
+    i_s = pid % n_splits
     n_act = tl.load(n_active).to(tl.int64)
-    m_n = m_r & (o_r < n_act)  # active rows of this block
-    b_zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if i_n * BLOCK_N >= n_act:  # no active row: write zeros, skip all GEMM work
-        tl.store(lse + o_n, b_zero, mask=m_r)
-        tl.store(tgt + o_n, b_zero, mask=m_r)
-        if RETURN_SUMZ:
-            tl.store(sumz + o_n, b_zero, mask=m_r)
-        if RETURN_ENTROPY:
-            tl.store(ent + o_n, b_zero, mask=m_r)
+    if i_n * BLOCK_N >= n_act:  # no active row in this block: no GEMM work, nothing to write
         return
+    o_r = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # positions in row_order
+    m_n = (o_r < N) & (o_r < n_act)  # active rows of this block
+    o_n = tl.load(row_order + o_r, mask=m_n, other=0).to(tl.int64)  # row ids
     b_y = tl.load(y + o_n, mask=m_n, other=ignore_index).to(tl.int64)  # [BLOCK_N]
     b_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # running max
     b_s = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z - m}
     b_a = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z - m} (z - m)
     b_t = tl.zeros([BLOCK_N], dtype=tl.float32)  # target logit
     b_sz = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ z
-    for v0 in range(0, V, BLOCK_V):
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
+    v_lo = i_s * tiles_per_split * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
+        m_v = o_v < v_hi
         b_x = _lce_logits_tile(
             h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
             UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
@@ -228,16 +263,14 @@ def _lce_stats_fwd_kernel(
             b_z, m_v[None, :], o_v[None, :], b_y[:, None], b_m, b_s, b_a, b_t, b_sz,
             1, True, RETURN_SUMZ, RETURN_ENTROPY,
         )
-    b_lse = b_m + tl.log(b_s)
-    b_lse = tl.maximum(b_lse, b_t)  # rounding can never make the cross-entropy negative
-    tl.store(lse + o_n, tl.where(m_n, b_lse, 0.0), mask=m_r)
-    tl.store(tgt + o_n, tl.where(m_n, b_t, 0.0), mask=m_r)
-    if RETURN_SUMZ:
-        tl.store(sumz + o_n, tl.where(m_n, b_sz, 0.0), mask=m_r)
+    p_part = part + i_s * stride_ps + o_n
+    tl.store(p_part, b_m, mask=m_n)
+    tl.store(p_part + stride_pf, b_s, mask=m_n)
+    tl.store(p_part + 3 * stride_pf, b_t, mask=m_n)
     if RETURN_ENTROPY:
-        # H = lse - Σ p z = (m + log s) - (m + a / s) = log s - a / s
-        b_h = tl.log(b_s) - b_a / b_s
-        tl.store(ent + o_n, tl.where(m_n, tl.maximum(b_h, 0.0), 0.0), mask=m_r)
+        tl.store(p_part + 2 * stride_pf, b_a, mask=m_n)
+    if RETURN_SUMZ:
+        tl.store(p_part + 4 * stride_pf, b_sz, mask=m_n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,13 +502,16 @@ def _lce_chunk_bwd_row_kernel(
 # Shipped configs, (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel and operand width: each was
 # compiled for sm_90 (triton 3.9) and is free of register spills (ptxas STACK 0); speed is unmeasured here.
 _CONFIGS = {
-    ("fwd", 2): (128, 64, 64, 8, 3),
+    ("fwd", 2): (128, 128, 64, 8, 3),
     ("dh", 2): (64, 128, 64, 8, 3),
     ("dw", 2): (64, 64, 64, 8, 3),
-    ("fwd", 4): (64, 64, 32, 8, 2),
+    ("fwd", 4): (64, 64, 32, 4, 2),
     ("dh", 4): (32, 64, 32, 8, 2),
     ("dw", 4): (32, 64, 32, 8, 2),
 }
+# Programs of the fused forward resident per SM with its shipped config (registers and shared memory of the sm_90
+# compile, checked by tests/kernels/_aot_compile.py); the split rule sizes waves with it.
+_CTAS_PER_SM = {("fwd", 2): 1, ("fwd", 4): 2}
 
 
 def _tile_config(kind: str, dtype: torch.dtype) -> dict:
@@ -504,9 +540,22 @@ else:
     _fwd_tuned = _dh_tuned = _dw_tuned = None
 
 
+def _check_reset_args(tuned, args: dict) -> None:
+    """The autotuner zeroes its ``reset_to_zero`` arguments before every trial: none may share memory with another
+    argument (a placeholder aliasing ``lse`` once zeroed it and gave wrong gradients)."""
+    for name in getattr(tuned, "reset_to_zero", ()):
+        t = args[name]
+        for other, u in args.items():
+            if other != name and isinstance(u, torch.Tensor) and u.untyped_storage().data_ptr() == (
+                t.untyped_storage().data_ptr()
+            ):
+                raise RuntimeError(f"autotuned launch: reset_to_zero argument {name!r} aliases {other!r}")
+
+
 def _launch(kind: str, kernel, tuned, grid_fn, args: dict, dtype: torch.dtype):
     """Launch with the shipped config, or through the autotuner when ``T3S_AUTOTUNE=1``."""
     if tuned is not None:
+        _check_reset_args(tuned, args)
         tuned[lambda meta: (grid_fn(meta),)](**args)
     else:
         cfg = _tile_config(kind, dtype)
@@ -566,23 +615,139 @@ def _common(hidden, weight, bias, targets, opts):
     )
 
 
+_INTERPRET_SPLITS = 3  # device-free rule under the interpreter: tests see several splits on small vocabularies
+_DEVICE_SLOTS: dict[str, tuple[int, int]] = {}
+
+
+def _device_slots(device: torch.device) -> tuple[int, int]:
+    """``(SM count, L2 bytes)`` of a CUDA device, cached."""
+    key = str(device)
+    if key not in _DEVICE_SLOTS:
+        p = torch.cuda.get_device_properties(device)
+        _DEVICE_SLOTS[key] = (p.multi_processor_count, int(getattr(p, "L2_cache_size", 50 * 2**20)))
+    return _DEVICE_SLOTS[key]
+
+
+def fwd_splits(N: int, V: int, D: int, block_n: int, block_v: int, elt_bytes: int, sms: int | None,
+               l2_bytes: int = 50 * 2**20, ctas_per_sm: int = 1) -> int:
+    """Vocabulary splits of the fused forward (the rule; ``sms=None``: the interpreter's fixed rule).
+
+    With ``P = sms · ctas_per_sm`` programs resident at once and the grouped order, a wave holds ``P / S`` row
+    blocks × all ``S`` splits. Two constraints:
+
+    * L2: the ``P / S`` resident ``[block_n, D]`` blocks of ``h`` must fit in half of L2, so their per-V-tile
+      re-reads never go to HBM: ``S ≥ P · block_n · D · elt / (L2 / 2)``. ``W`` is then read from HBM once per
+      wave of row blocks: ``cdiv(N, block_n) · S / P`` passes over ``W``.
+    * waves: among ``S`` from that floor up to 8 waves' worth, take the one with the best wave efficiency
+      ``work / (waves · P · tiles_per_split)``, the smallest ``S`` within 5 % of the best (fewer ``W`` passes).
+
+    The result never leaves a split empty (``S = cdiv(v_tiles, cdiv(v_tiles, S))``); the workspace
+    ``5 · S · N · 4`` bytes stays small (``S · cdiv(N, block_n) ≤ 8 P`` unless the L2 floor is higher).
+    """
+    v_tiles = max(1, -(-V // block_v))
+    if sms is None:
+        s = min(v_tiles, _INTERPRET_SPLITS)
+    else:
+        slots = max(1, sms * ctas_per_sm)
+        n_blocks = max(1, -(-N // block_n))
+        s_lo = min(v_tiles, max(1, -(-(slots * block_n * D * elt_bytes) // max(1, l2_bytes // 2))))
+        s_hi = min(v_tiles, max(s_lo, -(-8 * slots // n_blocks)))
+        s_lo = min(s_lo, s_hi)
+
+        def efficiency(s):
+            per = -(-v_tiles // s)
+            waves = -(-(n_blocks * s) // slots)
+            return n_blocks * v_tiles / (waves * slots * per)
+
+        eff = {s: efficiency(s) for s in range(s_lo, s_hi + 1)}
+        best = max(eff.values())
+        s = min(s for s, e in eff.items() if e >= best - 0.05)
+    return -(-v_tiles // -(-v_tiles // s))
+
+
+def fwd_plan(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | None = None, *,
+             sms: int | None = None, l2_bytes: int | None = None, n_active: int | None = None) -> dict:
+    """Launch plan of the fused forward and its counts (what a cost model reads; nothing is launched).
+
+    ``grid = cdiv(N, BLOCK_N) · splits`` programs; an active program runs ``tiles_per_split`` V tiles (the last
+    split fewer), each a loop of ``d_steps = cdiv(D, BLOCK_D)`` ``[BLOCK_N, BLOCK_D] × [BLOCK_D, BLOCK_V]`` dots.
+    The SM count / L2 size come from ``device`` (CUDA) or ``sms`` / ``l2_bytes`` (e.g. an H100's 132 / 50 MiB on a
+    CPU machine); neither: the interpreter's fixed rule. Counts for ``n_active`` active rows (default ``N``):
+    ``flops`` (tensor-core, tile-padded), ``l2_operand_bytes`` (operand tiles loaded into shared memory),
+    ``hbm_bytes`` (``h`` once, ``W`` once per wave of row blocks, the partials workspace written and read),
+    ``workspace_bytes``.
+    """
+    width = 4 if dtype == torch.float32 else 2
+    if sms is None and device is not None and device.type == "cuda" and not interpreting():
+        sms, l2_bytes = _device_slots(device)
+    cfg = _tile_config("fwd", dtype) if sms is None else dict(zip(
+        ("BLOCK_N", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages"), _CONFIGS[("fwd", width)]))
+    bn, bv, bd = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_D"]
+    elt = torch.finfo(dtype).bits // 8
+    ctas = _CTAS_PER_SM.get(("fwd", width), 1)
+    splits = fwd_splits(N, V, D, bn, bv, elt, sms, l2_bytes or 50 * 2**20, ctas)
+    v_tiles = max(1, triton.cdiv(V, bv))
+    per = triton.cdiv(v_tiles, splits)
+    n_b = triton.cdiv(N if n_active is None else n_active, bn)
+    d_steps = triton.cdiv(D, bd)
+    slots = (sms or 1) * ctas
+    workspace = 5 * splits * N * 4
+    return dict(
+        cfg, splits=splits, tiles_per_split=per, grid=triton.cdiv(N, bn) * splits, d_steps=d_steps,
+        flops=2 * n_b * bn * v_tiles * bv * d_steps * bd,
+        l2_operand_bytes=n_b * v_tiles * d_steps * (bn + bv) * bd * elt,
+        hbm_bytes=n_b * bn * D * elt + max(1.0, n_b * splits / slots) * V * D * elt + 2 * workspace,
+        workspace_bytes=workspace,
+    )
+
+
+def _combine_splits(part, active, want_sumz, want_entropy):
+    """Deterministic merge of the per-split partials ``part [5, S, N]`` (fp32, torch ops in a fixed order).
+
+    ``M = max_s m_s``, ``S = Σ_s s_s e^{m_s − M}``; the loss is kept relative to the max,
+    ``nll = log S + (M − z_y)`` (never ``lse − z_y`` of two absolute values, which cancel at large logits);
+    ``lse = M + log S``; entropy ``H = log S − A / S`` with ``A = Σ_s e^{m_s − M}(a_s + (m_s − M) s_s)``.
+    Inactive rows (unwritten partials) come out 0.
+    """
+    m, s, t = part[0], part[1], part[3]
+    big_m = m.amax(0)
+    safe_m = torch.where(active, big_m, torch.zeros_like(big_m))  # no (-inf) - (-inf) on inactive rows
+    scale = torch.exp(m - safe_m)  # [S, N]; 0 for empty splits
+    s_tot = (s * scale).sum(0)
+    log_s = torch.log(s_tot)
+    zero = torch.zeros_like(big_m)
+    nll = torch.where(active, log_s + (safe_m - t.sum(0)), zero)
+    lse = torch.where(active, safe_m + log_s, zero)
+    sumz = torch.where(active, part[4].sum(0), zero) if want_sumz else None
+    ent = None
+    if want_entropy:
+        shift = torch.where(s > 0, m - safe_m, torch.zeros_like(m))  # empty splits: avoid (-inf) · 0
+        a_tot = (scale * (part[2] + shift * s)).sum(0)
+        ent = torch.where(active, (log_s - a_tot / s_tot).clamp_min(0.0), zero)
+    return lse, nll, sumz, ent
+
+
 def lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts):
-    """Fused forward: ``(lse, tgt, sumz | None, entropy | None)`` fp32 ``[N]``; stores nothing else."""
-    N = hidden.shape[0]
+    """Fused forward: ``(lse, nll, sumz | None, entropy | None)`` fp32 ``[N]`` (``nll = lse − z_y``, formed
+    relative to the row max); stores nothing else. Workspace: the fp32 ``[5, splits, N]`` partials."""
+    N, D = hidden.shape
+    V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lse, tgt = torch.empty(N, **f32), torch.empty(N, **f32)
-    sumz = torch.empty(N, **f32) if opts.want_sumz else None
-    ent = torch.empty(N, **f32) if opts.want_entropy else None
     if N == 0:
-        return lse, tgt, sumz, ent
+        z = torch.zeros(0, **f32)
+        return z, z.clone(), z.clone() if opts.want_sumz else None, z.clone() if opts.want_entropy else None
+    plan = fwd_plan(N, V, D, hidden.dtype, hidden.device)
+    splits = plan["splits"]
+    part = torch.empty(5, splits, N, **f32)
     args = _common(hidden, weight, bias, targets, opts)
     args.update(
-        row_order=row_order, n_active=n_active, lse=lse, tgt=tgt,
-        sumz=sumz if sumz is not None else lse, ent=ent if ent is not None else lse,
+        row_order=row_order, n_active=n_active, part=part, stride_pf=part.stride(0), stride_ps=part.stride(1),
+        n_splits=splits,
         RETURN_SUMZ=opts.want_sumz, RETURN_ENTROPY=opts.want_entropy,
     )
-    _launch("fwd", _lce_stats_fwd_kernel, _fwd_tuned, lambda m: triton.cdiv(N, m["BLOCK_N"]), args, hidden.dtype)
-    return lse, tgt, sumz, ent
+    _launch("fwd", _lce_stats_fwd_kernel, _fwd_tuned, lambda m: triton.cdiv(N, m["BLOCK_N"]) * splits, args,
+            hidden.dtype)
+    return _combine_splits(part, targets != opts.ignore_index, opts.want_sumz, opts.want_entropy)
 
 
 def lce_stats_bwd(
@@ -621,10 +786,12 @@ def lce_stats_bwd(
     if need_dw or need_db:
         dw_acc = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
         db_acc = torch.empty(V, dtype=torch.float32, device=hidden.device) if need_db else None
+        # own placeholders for absent outputs: the autotuner zeroes dw / db (reset_to_zero) before every trial
+        unused = torch.zeros(1, dtype=torch.float32, device=hidden.device)
         _launch(
             "dw", _lce_bwd_dw_kernel, _dw_tuned, lambda m: triton.cdiv(V, m["BLOCK_V"]),
             dict(
-                args, dw=dw_acc if need_dw else lse, db=db_acc if need_db else lse,
+                args, dw=dw_acc if need_dw else unused, db=db_acc if need_db else unused.clone(),
                 stride_dwv=dw_acc.stride(0) if need_dw else 0, NEED_DW=need_dw, NEED_DB=need_db,
             ),
             hidden.dtype,

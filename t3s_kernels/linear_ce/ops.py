@@ -10,7 +10,7 @@ implementation, so tracing needs no data and nothing syncs with the host.
   ``torch.autograd.grad`` and returns ``(loss, dhidden, dweight, dbias)``; the registered backward multiplies them by
   the scalar upstream gradient. Cost: exactly the eager training cost (the chunked strategy already computes the
   gradients in its forward; the fused one runs its recompute backward inside the op).
-* ``t3s::token_stats`` — the per-token primitive ``(lse, tgt, Σz, entropy)``, used for ``token_logprobs``,
+* ``t3s::token_stats`` — the per-token primitive ``(lse, nll = lse − z_y, Σz, entropy)``, used for ``token_logprobs``,
   ``reduction="none"``, ``return_lse`` and every call without gradients (a single forward pass that stores
   nothing, as in eager). Its backward is ``t3s::token_stats_backward``, which *recomputes* the forward with autograd
   and back-propagates the given per-token upstream gradients: one more forward pass than eager's fused strategy
@@ -61,8 +61,8 @@ def _token_stats_op(
     opts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=temperature, want_sumz=want_sumz,
                         want_entropy=want_entropy)
     with torch.no_grad():
-        lse, tgt, sumz, ent = linear_token_stats(hidden, weight, bias, targets, opts, backend)
-    return (lse.clone(), tgt.clone(), sumz.clone() if want_sumz else _empty(lse),
+        lse, nll, sumz, ent = linear_token_stats(hidden, weight, bias, targets, opts, backend)
+    return (lse.clone(), nll.clone(), sumz.clone() if want_sumz else _empty(lse),
             ent.clone() if want_entropy else _empty(lse))
 
 
@@ -76,7 +76,7 @@ def _(hidden, weight, bias, targets, ignore_index, softcap, temperature, want_su
 
 @torch.library.custom_op("t3s::token_stats_backward", mutates_args=())
 def _token_stats_backward_op(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, g_lse: Tensor, g_tgt: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, g_lse: Tensor, g_nll: Tensor,
     g_sumz: Tensor, g_ent: Tensor, ignore_index: int, softcap: float | None, temperature: float, want_sumz: bool,
     want_entropy: bool, backend: str, need_dh: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,8 +89,8 @@ def _token_stats_backward_op(
     if not leaves:
         return _empty(hidden), _empty(weight), _empty(weight)
     with _autograd_inside_op(), torch.enable_grad():
-        lse, tgt, sumz, ent = linear_token_stats(h, w, b, targets, opts, backend)
-        outs, grads = [lse, tgt], [g_lse, g_tgt]
+        lse, nll, sumz, ent = linear_token_stats(h, w, b, targets, opts, backend)
+        outs, grads = [lse, nll], [g_lse, g_nll]
         if want_sumz:
             outs.append(sumz)
             grads.append(g_sumz)
@@ -111,7 +111,7 @@ def _token_stats_backward_op(
 
 
 @_token_stats_backward_op.register_fake
-def _(hidden, weight, bias, targets, g_lse, g_tgt, g_sumz, g_ent, ignore_index, softcap, temperature, want_sumz,
+def _(hidden, weight, bias, targets, g_lse, g_nll, g_sumz, g_ent, ignore_index, softcap, temperature, want_sumz,
       want_entropy, backend, need_dh, need_dw, need_db):
     dh = torch.empty_like(hidden) if need_dh else weight.new_empty((0,))
     dw = torch.empty_like(weight) if need_dw else weight.new_empty((0,))
@@ -126,18 +126,18 @@ def _token_stats_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _token_stats_backward(ctx, g_lse, g_tgt, g_sumz, g_ent):
+def _token_stats_backward(ctx, g_lse, g_nll, g_sumz, g_ent):
     hidden, weight, bias, targets = ctx.saved_tensors
     ignore_index, softcap, temperature, want_sumz, want_entropy, backend = ctx.args
     n = hidden.shape[0]
     zeros = hidden.new_zeros((n,), dtype=_acc_dtype(hidden))
     g_lse = zeros if g_lse is None else g_lse
-    g_tgt = zeros if g_tgt is None else g_tgt
+    g_nll = zeros if g_nll is None else g_nll
     g_sumz = zeros if (g_sumz is None or not want_sumz) else g_sumz
     g_ent = zeros if (g_ent is None or not want_entropy) else g_ent
     need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dh, dw, db = torch.ops.t3s.token_stats_backward(
-        hidden, weight, bias, targets, g_lse, g_tgt, g_sumz, g_ent, ignore_index, softcap, temperature, want_sumz,
+        hidden, weight, bias, targets, g_lse, g_nll, g_sumz, g_ent, ignore_index, softcap, temperature, want_sumz,
         want_entropy, backend, need_dh, need_dw, bool(need_db and ctx.has_bias),
     )
     return (dh if need_dh else None, dw if need_dw else None, db if (need_db and ctx.has_bias) else None,
@@ -149,11 +149,11 @@ _token_stats_op.register_autograd(_token_stats_backward, setup_context=_token_st
 
 def token_stats(hidden, weight, bias, targets, opts: StatsOptions, backend: str):
     """:func:`~t3s_kernels.linear_ce.function.linear_token_stats` through ``t3s::token_stats``."""
-    lse, tgt, sumz, ent = torch.ops.t3s.token_stats(
+    lse, nll, sumz, ent = torch.ops.t3s.token_stats(
         hidden, weight, bias, targets, opts.ignore_index, opts.softcap, float(opts.temperature), opts.want_sumz,
         opts.want_entropy, backend,
     )
-    return lse, tgt, sumz if opts.want_sumz else None, ent if opts.want_entropy else None
+    return lse, nll, sumz if opts.want_sumz else None, ent if opts.want_entropy else None
 
 
 # --------------------------------------------------------------------------------------------------------------

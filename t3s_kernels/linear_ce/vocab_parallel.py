@@ -2,13 +2,14 @@
 
 Tensor-parallel LM heads (Megatron's ``VocabParallelEmbedding`` output layer, verl, CCE's ``VocabParallelOptions``)
 give every rank of a process group the rows ``[vocab_start, vocab_end)`` of the weight and the *same* hidden states.
-Each rank runs the local per-token primitive on its shard (``lse_r``, target logit when the target lives on this
-shard, ``Σ_r z``, local entropy ``H_r``), then the ranks combine per token, never forming ``[N, V]`` logits and
+Each rank runs the local per-token primitive on its shard (``lse_r``, ``nll_r = lse_r − z_y`` when the target lives on
+this shard, ``Σ_r z``, local entropy ``H_r``), then the ranks combine per token, never forming ``[N, V]`` logits and
 exchanging only ``O(N)`` numbers:
 
     m      = max_r lse_r                                   (all-reduce max, a constant: lse is invariant to it)
     lse    = m + log Σ_r exp(lse_r − m)                    (every term ≤ 1, the sum ≥ 1: no overflow / underflow)
-    tgt    = Σ_r tgt_r                                     (exactly one rank owns the target)
+    nll    = log Σ_r exp(lse_r − m) + (m − lse_ρ) + nll_ρ   (ρ = the rank owning the target; nll = lse − z_y,
+                                                            kept relative to row maxima so huge logits never cancel)
     Σz     = Σ_r Σz_r
     H      = lse − Σ_r π_r (lse_r − H_r),   π_r = exp(lse_r − lse)     (E_p[z] split by shard)
 
@@ -168,7 +169,7 @@ def vocab_parallel_token_stats(
     backend: str,
     vp: VocabParallel,
 ):
-    """The primitive's ``(lse, tgt, sumz | None, entropy | None)`` over the *global* vocabulary, ``[N]`` each.
+    """The primitive's ``(lse, nll, sumz | None, entropy | None)`` over the *global* vocabulary, ``[N]`` each.
 
     ``hidden`` ``[N, D]`` replicated, ``weight`` / ``bias`` this rank's shard, ``targets`` global ids. Inactive
     rows (``ignore_index``) give 0 for every output and no gradient, as the local primitive does.
@@ -185,14 +186,17 @@ def vocab_parallel_token_stats(
     local_targets = torch.where(active, local_targets, torch.full_like(targets, ignore))
     h = _CopyToVocabParallel.apply(hidden, group) if hidden.requires_grad and torch.is_grad_enabled() else hidden
     want_entropy = opts.want_entropy
-    lse_r, tgt_r, sumz_r, ent_r = linear_token_stats(h, weight, bias, local_targets, opts, backend)
+    lse_r, nll_r, sumz_r, ent_r = linear_token_stats(h, weight, bias, local_targets, opts, backend)
 
     m = lse_r.detach().clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     scaled = torch.exp(lse_r - m)  # in (0, 1]; 1 on the shard holding the max
     total = _AllReduceSum.apply(scaled, group)  # in [1, world]
-    lse = m + torch.log(total)
-    tgt = _AllReduceSum.apply(torch.where(here, tgt_r, torch.zeros_like(tgt_r)), group)
+    log_total = torch.log(total)
+    lse = m + log_total
+    # nll = lse − z_y = log total + (m − lse_r) + nll_r on the rank owning y: every term stays relative to a row
+    # max, so huge logits never cancel (m is a constant of the expression's value, so treating it as one is exact)
+    nll = _AllReduceSum.apply(torch.where(here, nll_r + (m - lse_r), torch.zeros_like(nll_r)), group) + log_total
     sumz = _AllReduceSum.apply(sumz_r, group) if opts.want_sumz else None
     ent = None
     if want_entropy:
@@ -202,10 +206,10 @@ def vocab_parallel_token_stats(
         ent = lse - mean_z
     zero = torch.zeros_like(lse)
     lse = torch.where(active, lse, zero)
-    tgt = torch.where(active, tgt, zero)
+    nll = torch.where(active, nll, zero)
     if sumz is not None:
         sumz = torch.where(active, sumz, zero)
     if ent is not None:
         ent = torch.where(active, ent, zero)
-    return lse, tgt, sumz, ent
+    return lse, nll, sumz, ent
 
