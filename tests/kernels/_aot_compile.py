@@ -107,9 +107,12 @@ def lce_jobs(name: str):
                  dict(flags, **g_flags, NEED_DW=True, NEED_DB=True, UPCAST=False, DOT_PRECISION=prec, **c), o))
     row = dict(x="*fp32", dx=p, b=p, y="*i64", stride_xn="i64", stride_dxn="i64", V="i32", ignore_index="i32",
                softcap="fp32", inv_temp="fp32")
+    row_g = dict(lse="*fp32", ent="*fp32", nll="*fp32", smooth="*fp32", g_lse="*fp32", g_tgt="*fp32",
+                 g_sumz="*fp32", g_ent="*fp32", g_lse2="*fp32")
     jobs.append((K._lce_chunk_row_kernel,
-                 dict(row, coef="*fp32", lse="*fp32", loss="*fp32", eps="fp32", z_loss="fp32"),
-                 dict(flags, HAS_SMOOTHING=True, BLOCK_V=8192), dict(num_warps=16)))
+                 dict({k: v for k, v in row.items() if k != "ignore_index"}, **row_g),
+                 dict(flags, COMPUTE_STATS=True, WANT_SMOOTH=True, WANT_ENTROPY=True, WRITE_DX=True,
+                      HAS_G_SUMZ=True, HAS_G_ENT=True, HAS_G_LSE2=True, BLOCK_V=8192), dict(num_warps=16)))
     jobs.append((K._lce_chunk_bwd_row_kernel, dict(row, **{k: v for k, v in g.items() if k.startswith("g_")}),
                  dict(flags, **g_flags, BLOCK_V=8192), dict(num_warps=16)))
     return [(name, fn, types, consts, opts, ()) for fn, types, consts, opts in jobs]
