@@ -328,8 +328,7 @@ def linear_cross_entropy(
             weight is not 0), each exactly once, on ``hidden``'s device. The chunked path gathers these rows
             only; handing the index over (e.g. built on the host with the batch) avoids its one host read of the
             active count on CUDA (without it ``nonzero`` is used: one sync per call on CUDA, free on CPU).
-            Checked: eagerly on
-            CPU, device-side (no sync) on CUDA.
+            Checked: eagerly on CPU, device-side (no sync) on CUDA.
         workspace_bytes: memory budget of the chunked path's reusable workspace (default: 768 MiB on CUDA, 256 MiB
             on CPU; env ``T3S_WORKSPACE_BYTES``); see :mod:`t3s_kernels.linear_ce.chunked` for the chunk plan.
         weight_grad_accumulation: ``"fp32"`` (default, exact): the weight gradient is accumulated across row
