@@ -240,6 +240,26 @@ def _check_chunked_args(fn, active_rows, workspace_bytes, weight_grad_accumulati
         )
 
 
+def _ce_per_token(nll, smooth, lse, eps: float, zl: float):
+    """``(1 − ε)·nll + ε·smooth + z_loss·lse²`` per token (``smooth = lse − Σz/V``, used only when ε > 0)."""
+    per_tok = (1.0 - eps) * nll
+    if eps > 0:
+        per_tok = per_tok + eps * smooth
+    if zl > 0:
+        per_tok = per_tok + zl * lse * lse
+    return per_tok
+
+
+def _reduce(per_tok, w, reduction: str, denominator):
+    if w is not None:
+        per_tok = per_tok * w
+    if reduction == "none":
+        return per_tok
+    if reduction == "sum":
+        return per_tok.sum()
+    return per_tok.sum() / denominator(per_tok.dtype)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # linear_cross_entropy
 # --------------------------------------------------------------------------------------------------------------
@@ -433,37 +453,15 @@ def linear_cross_entropy(
             loss = chunked_cross_entropy(h2, weight, bias, y, coef, idx, copts)
         else:  # per-token statistics (stored LSE, recompute backward when a gradient is needed)
             nll, lse, smooth, _ = chunked_token_stats(h2, weight, bias, y, idx, copts)
-            per_tok = (1.0 - eps) * nll
-            if eps > 0:
-                per_tok = per_tok + eps * smooth
-            if zl > 0:
-                per_tok = per_tok + zl * lse * lse
-            if w is not None:
-                per_tok = per_tok * w
-            if reduction == "none":
-                loss = per_tok
-            elif reduction == "sum":
-                loss = per_tok.sum()
-            else:
-                loss = per_tok.sum() / denominator(per_tok.dtype)
+            loss = _reduce(_ce_per_token(nll, smooth, lse, eps, zl), w, reduction, denominator)
     else:
         sopts = StatsOptions(
             ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), want_sumz=eps > 0
         )
         lse, tgt, sumz, _ = linear_token_stats(h2, weight, bias, y, sopts, backend)
-        per_tok = (1.0 - eps) * (lse - tgt)  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
-        if eps > 0:
-            per_tok = per_tok + eps * (lse - sumz / V)
-        if zl > 0:
-            per_tok = per_tok + zl * lse * lse
-        if w is not None:
-            per_tok = per_tok * w
-        if reduction == "none":
-            loss = per_tok
-        elif reduction == "sum":
-            loss = per_tok.sum()
-        else:
-            loss = per_tok.sum() / denominator(per_tok.dtype)
+        # fp32 (fp64 for fp64 inputs); 0 at inactive rows
+        per_tok = _ce_per_token(lse - tgt, lse - sumz / V if eps > 0 else None, lse, eps, zl)
+        loss = _reduce(per_tok, w, reduction, denominator)
 
     if reduction == "none":
         loss = loss.reshape(out_shape)

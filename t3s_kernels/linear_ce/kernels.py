@@ -15,16 +15,13 @@ Kernels (``N`` rows of ``hidden [N, D]``, ``V`` rows of ``weight [V, D]``; ``z =
   atomics, a fixed reduction order.
 * ``_lce_chunk_row_kernel`` — the chunked path (:mod:`.chunked`): one program per row of a cuBLAS fp32 logits
   chunk; statistics relative to the row max (``lse``, ``nll``, smoothing and entropy terms), then ``dx`` in the
-  input dtype for per-row coefficients (gradient-in-forward or recompute backward).
-* ``_lce_chunk_bwd_row_kernel`` — optional backward of the fused strategy through cuBLAS chunks
-  (``T3S_FUSED_BACKWARD=chunked``): per row, the statistics of the workspace logits, then ``dx`` for the four
-  upstream gradients; ``dh`` / ``dW`` are cuBLAS GEMMs. GEMM-speed but no row skipping.
+  input dtype for per-row coefficients (gradient-in-forward or recompute backward). It also serves the fused
+  strategy's optional chunked backward (``T3S_FUSED_BACKWARD=chunked``).
 
-Cost model (why two fused backwards): the recompute kernels read-modify-write an fp32 ``[BLOCK_N, D]`` (``dh``)
-or ``[BLOCK_V, D]`` (``dW``) slab once per tile of the other axis, so at LLM shapes (D = 4096, V = 152k) they are
-bandwidth-bound (~0.6 TB of fp32 traffic each at N = 32k); they win when most rows are inactive (sparse masks,
-prompt tokens) and give deterministic, bit-reproducible gradients. The chunked backward costs 6·N·D·V at cuBLAS
-speed plus ``~6·chunk·V`` bytes of workspace traffic per chunk. Pick with a benchmark on the target GPU.
+Cost model: the recompute kernels read-modify-write an fp32 ``[BLOCK_N, D]`` (``dh``) or ``[BLOCK_V, D]`` (``dW``)
+slab once per tile of the other axis, so at LLM shapes (D = 4096, V = 152k) they are bandwidth-bound (~0.6 TB of
+fp32 traffic each at N = 32k) and give deterministic, bit-reproducible gradients. The chunked path costs 6·n·D·V
+(8·n·D·V for per-token outputs) at cuBLAS speed over the n active rows; ``api.FUSED_MAX_FLOPS`` is the rule.
 
 Backward of the primitive (per row, upstream ``g_lse, g_tgt, g_sumz, g_ent``; ``p = softmax(z)``)::
 
@@ -43,7 +40,6 @@ import torch
 from .._triton import interpreting, tl, triton
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES",
     "active_rows",
     "fused_backward_mode",
     "lce_chunk_rows",
@@ -51,7 +47,6 @@ __all__ = [
     "lce_stats_fwd",
 ]
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # chunked strategy: one [chunk, V] logits workspace at most this large
 _AUTOTUNE = os.environ.get("T3S_AUTOTUNE", "0") == "1"
 
 
@@ -453,50 +448,6 @@ def _lce_chunk_row_kernel(
             tl.store(dx + i_n * stride_dxn + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)
 
 
-@triton.jit
-def _lce_chunk_bwd_row_kernel(
-    x, dx, b, y, g_lse, g_tgt, g_sumz, g_ent, stride_xn, stride_dxn, V, ignore_index, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr,
-    HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Chunked recompute backward of the primitive for one row: statistics of the workspace logits, then dx."""
-    i_n = tl.program_id(0).to(tl.int64)
-    p_x = x + i_n * stride_xn
-    p_dx = dx + i_n * stride_dxn
-    b_y = tl.load(y + i_n).to(tl.int64)
-    if b_y == ignore_index:  # inactive row: zero gradient, no exp of unnormalised logits
-        for v0 in range(0, V, BLOCK_V):
-            o_v = v0 + tl.arange(0, BLOCK_V)
-            tl.store(p_dx + o_v, tl.zeros([BLOCK_V], dtype=tl.float32).to(dx.dtype.element_ty), mask=o_v < V)
-        return
-    # pass 1: lse and Σ p z of the logits as they sit in the workspace (self-consistent softmax)
-    b_m = float("-inf")
-    b_s = 0.0
-    b_a = 0.0  # Σ e^{z - m} (z - m)
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z, _ = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-        b_m, b_s, b_a, _, _ = _lce_online_stats(
-            b_z, m_v, o_v, b_y, b_m, b_s, b_a, 0.0, 0.0, 0, False, False, HAS_G_ENT
-        )
-    b_lse = b_m + tl.log(b_s)
-    b_pz = b_m + b_a / b_s  # Σ p z
-    b_gl = tl.load(g_lse + i_n) if HAS_G_LSE else 0.0
-    b_gt = tl.load(g_tgt + i_n) if HAS_G_TGT else 0.0
-    b_gs = tl.load(g_sumz + i_n) if HAS_G_SUMZ else 0.0
-    b_ge = tl.load(g_ent + i_n) if HAS_G_ENT else 0.0
-    # pass 2: dz_v = g_lse p_v + g_tgt [v = y] + g_sumz - g_ent p_v (z_v - Σ p z)
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z, b_th = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-        b_dx = _lce_dx(
-            b_z, b_th, m_v, o_v, b_y, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, inv_temp, HAS_SOFTCAP, True, HAS_G_ENT
-        )
-        tl.store(p_dx + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # configs (one known-good per kernel; T3S_AUTOTUNE=1 searches a few)
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,8 +523,8 @@ def fused_backward_mode() -> str:
     """Backward of the fused strategy, from ``T3S_FUSED_BACKWARD`` (read at call time):
 
     * ``"kernel"`` (default): the two Triton recompute kernels; deterministic, skip ignored / zero-weight rows.
-    * ``"chunked"``: cuBLAS logits chunks + a Triton row kernel for ``dx`` + cuBLAS ``dh`` / ``dW`` (GEMM-speed,
-      bounded workspace, no row skipping).
+    * ``"chunked"``: the chunked path's sweep (:mod:`.chunked`): cuBLAS logits chunks of the active rows + the
+      Triton row kernel for ``dx`` + cuBLAS ``dh`` / ``dW`` (GEMM-speed, bounded workspace).
     """
     mode = os.environ.get("T3S_FUSED_BACKWARD", "kernel")
     if mode not in FUSED_BACKWARDS:
@@ -670,85 +621,6 @@ def lce_stats_bwd(
     return dh, dw, db
 
 
-def _chunk_rows(N: int, V: int, bytes_per_logit: int, chunk_bytes: int | None) -> int:
-    if chunk_bytes is None:
-        chunk_bytes = int(os.environ.get("T3S_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-    return max(1, min(N, chunk_bytes // max(1, V * bytes_per_logit)))
-
-
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
-
-
-def _fp32_logits_supported(hidden: torch.Tensor) -> bool:
-    """fp32 logits from half operands without an upcast copy: cuBLAS ``mm(out_dtype=float32)`` (torch >= 2.8)."""
-    if hidden.dtype == torch.float32 or hidden.device.type == "cpu":
-        return True  # CPU: operands are upcast (tests / interpreter only)
-    key = str(hidden.device)
-    if key not in _MM_OUT_DTYPE_OK:
-        try:  # probe the exact calls used below
-            a = torch.zeros(16, 16, dtype=hidden.dtype, device=hidden.device)
-            o = torch.zeros(16, 16, dtype=torch.float32, device=hidden.device)
-            torch.mm(a, a.t(), out_dtype=torch.float32, out=o)
-            torch.addmm(o, a.t(), a, out_dtype=torch.float32, out=o)
-            _MM_OUT_DTYPE_OK[key] = True
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE_OK[key] = False
-    return _MM_OUT_DTYPE_OK[key]
-
-
-def _logits_into(out: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor) -> None:
-    """``out = h_c @ weight.T`` with fp32 accumulation; ``out`` is fp32 or the input dtype."""
-    if out.dtype == h_c.dtype:
-        torch.matmul(h_c, weight.t(), out=out)
-    elif out.is_cuda:
-        torch.mm(h_c, weight.t(), out_dtype=torch.float32, out=out)
-    else:
-        torch.matmul(h_c.float(), weight.float().t(), out=out)
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc (fp32) += a @ b`` with fp32 accumulation, whatever the dtype of ``a`` and ``b``."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _fp32_logits_supported(a):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    elif acc.is_cuda:  # torch < 2.8: one [V, D] temporary in the input dtype per chunk
-        acc += (a @ b).float()
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-class _ChunkWorkspace:
-    """One ``[rows, V]`` logits buffer (fp32 when it can be filled without an upcast copy) and, when that differs
-    from the input dtype, a ``[rows, V]`` input-dtype buffer for ``dx`` (the operand of the gradient GEMMs)."""
-
-    def __init__(self, hidden, V, chunk_bytes):
-        N = hidden.shape[0]
-        self.logits_dtype = torch.float32 if _fp32_logits_supported(hidden) else hidden.dtype
-        per = torch.finfo(self.logits_dtype).bits // 8
-        if self.logits_dtype != hidden.dtype:
-            per += hidden.element_size()
-        self.rows = _chunk_rows(N, V, per, chunk_bytes)
-        self.x = torch.empty(self.rows, V, dtype=self.logits_dtype, device=hidden.device)
-        self.dx = self.x if self.logits_dtype == hidden.dtype else torch.empty(
-            self.rows, V, dtype=hidden.dtype, device=hidden.device
-        )
-
-    def row_block(self, V):
-        if interpreting():
-            return dict(BLOCK_V=min(128, triton.next_power_of_2(V)))
-        return dict(BLOCK_V=min(8192, triton.next_power_of_2(V)), num_warps=16 if V >= 8192 else 8)
-
-
-def _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e):
-    if dh is not None:
-        torch.matmul(dx, weight, out=dh[s:e])
-    if dw_acc is not None:
-        _addmm_fp32(dw_acc, dx.t(), h_c)
-    if db_acc is not None:
-        db_acc += dx.sum(0, dtype=torch.float32)
-
-
 def chunk_row_block(V: int) -> dict:
     """Launch config of the row kernels: one program per row, ``BLOCK_V`` columns per tile."""
     if interpreting():
@@ -789,30 +661,21 @@ def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, g, *, softcap, tempera
 
 
 def _lce_stats_bwd_chunked(hidden, weight, bias, targets, g, opts, *, need_dh, need_dw, need_db):
-    """Recompute backward of the primitive through cuBLAS chunks (6·N·D·V, bounded workspace, no row skipping)."""
-    N, D = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    dh = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_dh else None
-    dw_acc = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_dw else None
-    db_acc = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    """Backward of the primitive through the chunked path (:mod:`.chunked`): active rows compacted (one host read
+    of their count), fp32 logits sub-chunks, the row kernel recomputes the statistics and writes ``dx``, torch
+    GEMMs for ``dh`` / ``dW`` (6·n·D·V FLOPs, bounded workspace)."""
+    from . import chunked
+
     g_lse, g_tgt, g_sumz, g_ent = g
-    ws = _ChunkWorkspace(hidden, V, None)
-    targets = targets.contiguous()
-    dummy = ws.x
-    for s in range(0, N, ws.rows):
-        e = min(N, s + ws.rows)
-        h_c, x, dx = hidden[s:e], ws.x[: e - s], ws.dx[: e - s]
-        _logits_into(x, h_c, weight)
-        _lce_chunk_bwd_row_kernel[(e - s,)](
-            x=x, dx=dx, b=bias if bias is not None else dummy, y=targets[s:e],
-            g_lse=g_lse[s:e] if g_lse is not None else dummy, g_tgt=g_tgt[s:e] if g_tgt is not None else dummy,
-            g_sumz=g_sumz[s:e] if g_sumz is not None else dummy, g_ent=g_ent[s:e] if g_ent is not None else dummy,
-            stride_xn=x.stride(0), stride_dxn=dx.stride(0), V=V, ignore_index=opts.ignore_index,
-            softcap=float(opts.softcap or 1.0), inv_temp=1.0 / float(opts.temperature),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_G_LSE=g_lse is not None,
-            HAS_G_TGT=g_tgt is not None, HAS_G_SUMZ=g_sumz is not None, HAS_G_ENT=g_ent is not None,
-            **ws.row_block(V),
-        )
-        _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e)
-    return dh, (dw_acc.to(weight.dtype) if need_dw else None), (db_acc.to(bias.dtype) if need_db else None)
+    idx = chunked.active_row_index(targets != opts.ignore_index, None)
+    zero = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+
+    def take(t, default=None):
+        t = t if t is not None else default
+        return None if t is None else (t if idx is None else t.index_select(0, idx))
+
+    grads = chunked.RowGrads(take(g_lse, zero), take(g_tgt, zero), take(g_sumz), take(g_ent))
+    copts = chunked.ChunkedOptions(softcap=opts.softcap, temperature=opts.temperature, row_impl="triton")
+    _, dh, dw, db = chunked._sweep(hidden, weight, bias, targets, idx, copts, stats=True, grads=grads,
+                                   need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+    return dh, dw, db

@@ -105,16 +105,14 @@ def lce_jobs(name: str):
     c, o = cfg("dw")
     jobs.append((K._lce_bwd_dw_kernel, dict(base, **g, dw="*fp32", db="*fp32", stride_dwv="i64"),
                  dict(flags, **g_flags, NEED_DW=True, NEED_DB=True, UPCAST=False, DOT_PRECISION=prec, **c), o))
-    row = dict(x="*fp32", dx=p, b=p, y="*i64", stride_xn="i64", stride_dxn="i64", V="i32", ignore_index="i32",
-               softcap="fp32", inv_temp="fp32")
+    row = dict(x="*fp32", dx=p, b=p, y="*i64", stride_xn="i64", stride_dxn="i64", V="i32", softcap="fp32",
+               inv_temp="fp32")
     row_g = dict(lse="*fp32", ent="*fp32", nll="*fp32", smooth="*fp32", g_lse="*fp32", g_tgt="*fp32",
                  g_sumz="*fp32", g_ent="*fp32", g_lse2="*fp32")
     jobs.append((K._lce_chunk_row_kernel,
-                 dict({k: v for k, v in row.items() if k != "ignore_index"}, **row_g),
+                 dict(row, **row_g),
                  dict(flags, COMPUTE_STATS=True, WANT_SMOOTH=True, WANT_ENTROPY=True, WRITE_DX=True,
                       HAS_G_SUMZ=True, HAS_G_ENT=True, HAS_G_LSE2=True, BLOCK_V=8192), dict(num_warps=16)))
-    jobs.append((K._lce_chunk_bwd_row_kernel, dict(row, **{k: v for k, v in g.items() if k.startswith("g_")}),
-                 dict(flags, **g_flags, BLOCK_V=8192), dict(num_warps=16)))
     return [(name, fn, types, consts, opts, ()) for fn, types, consts, opts in jobs]
 
 
