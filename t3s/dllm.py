@@ -122,6 +122,7 @@ class PreparedBatch:
     maskable: torch.Tensor  # [B, L] bool (labels != -100)
     token_doc: torch.Tensor  # [B*L] int64 document index of each token (−1 outside documents)
     n_docs: int
+    active_rows: torch.Tensor | None = None  # [n] int64 flat indices of the tokens with a nonzero loss weight
 
     @property
     def n_response(self) -> torch.Tensor:
@@ -246,6 +247,8 @@ def prepare_dllm_batch(
         maskable=maskable,
         token_doc=token_doc,
         n_docs=n_docs,
+        # read once here, with the mask, so the loss's chunked path needs no sync of its own mid-step
+        active_rows=torch.nonzero(out.loss_weight.reshape(-1) != 0).reshape(-1),
     )
 
 
@@ -288,7 +291,7 @@ def dllm_loss(model: nn.Module, prepared: PreparedBatch, cfg: DLLMConfig, normal
     w = prepared.union.loss_weight
     per_token = linear_cross_entropy(
         h, weight, prepared.input_ids, bias=bias, token_weight=w, reduction="none",
-        softcap=lm.softcap, temperature=lm.temperature, impl=cfg.impl,
+        softcap=lm.softcap, temperature=lm.temperature, impl=cfg.impl, active_rows=prepared.active_rows,
     )  # [B, L] w_i · CE_i   # fmt: skip
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=per_token.device)
     if cfg.normalization == "sequence":

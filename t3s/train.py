@@ -87,6 +87,15 @@ def _require_local(path: str, what: str) -> None:
                          "local paths only (nothing is downloaded)")
 
 
+def scored_rows(labels: torch.Tensor, token_weight: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the hidden-state rows the shifted loss scores (row ``t`` predicts ``labels[..., t + 1]``
+    with a nonzero weight): the ``active_rows`` of :func:`t3s_kernels.linear_cross_entropy`, so the fused loss
+    gathers them without reading a count back from the device."""
+    scored = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    scored[..., :-1] = (labels[..., 1:] != IGNORE_INDEX) & (token_weight[..., 1:] != 0)
+    return torch.nonzero(scored.reshape(-1)).reshape(-1)
+
+
 class Policy(nn.Module):
     """The causal LM and the fused loss that owns its output layer, behind one ``forward``.
 
@@ -336,6 +345,8 @@ class SFTRecipe:
                     batch["token_weight"] = (batch["labels"] != IGNORE_INDEX).float()
                 batch.pop("target_mask", None)
                 out.append(batch)
+        for b in out:  # built on the host: the loss gets its active-row index without a device sync
+            b["active_rows"] = scored_rows(b["labels"], b["token_weight"])
         return [{k: v.to(self.device) for k, v in b.items()} for b in out]
 
     def _normalizer(self, micro_batches: list[dict]) -> torch.Tensor:
@@ -356,7 +367,8 @@ class SFTRecipe:
             with self.autocast:
                 out = self.policy(mode="loss", input_ids=b["input_ids"], labels=b["labels"],
                                   attention_mask=b.get("attention_mask"), position_ids=b.get("position_ids"),
-                                  token_weight=b["token_weight"], normalizer=safe_norm, reduction="mean")
+                                  token_weight=b["token_weight"], normalizer=safe_norm, reduction="mean",
+                                  active_rows=b["active_rows"])
             # DDP / FSDP average gradients over ranks; the loss is already normalised globally, so undo it.
             (out.loss * self.world).backward()
             loss_sum += out.loss.detach()

@@ -244,6 +244,7 @@ class FusedLossCausalLM(OptionsModule):
         normalizer: torch.Tensor | float | None = None,
         num_items_in_batch: torch.Tensor | float | None = None,
         reduction: str | None = None,
+        active_rows: torch.Tensor | None = None,
         return_per_token: bool = False,
         return_hidden: bool = False,
         **model_kwargs: Any,
@@ -265,6 +266,9 @@ class FusedLossCausalLM(OptionsModule):
                 step, a device tensor) instead of by this batch's weight sum; makes gradient accumulation exact.
                 ``num_items_in_batch`` (the name the Hugging Face ``Trainer`` uses) is an alias.
             reduction: override the default reduction for this call.
+            active_rows: optional int64 flat indices (into ``[B, T]``) of the positions whose shifted label is
+                scored with a nonzero weight, passed to :func:`~t3s_kernels.linear_cross_entropy` (saves its one
+                host read of the active count on CUDA).
             return_per_token: also return the ``[B, T-1]`` weighted per-token losses.
             return_hidden: also return the trunk's hidden states.
 
@@ -298,6 +302,7 @@ class FusedLossCausalLM(OptionsModule):
             "shift": True,
             "impl": self.impl,
             "strategy": self.strategy,
+            "active_rows": active_rows,
         }
         per_token = None
         if return_per_token and reduction != "none":

@@ -1,7 +1,8 @@
 """Linear (LM head) + softmax statistics without ``[N, V]`` logits: cross-entropy, log-probs, entropy, LSE.
 
-File roles: ``reference.py`` (pure-PyTorch oracle, the CPU path), ``kernels.py`` (Triton kernels and their host
-launchers), ``function.py`` (autograd Functions, options dataclasses), ``api.py`` (public functionals:
+File roles: ``reference.py`` (pure-autograd oracle), ``chunked.py`` (the GEMM-bound chunked path of every training
+reduction, CUDA and CPU), ``kernels.py`` (Triton kernels and their host launchers), ``function.py`` (autograd
+Functions, options dataclasses), ``api.py`` (public functionals:
 validation, dispatch, reductions), ``modules.py`` (``nn.Module`` drop-ins holding options).
 """
 

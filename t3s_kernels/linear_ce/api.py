@@ -23,6 +23,7 @@ no host sync (value checks become device-side asserts on every device); eager ca
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,8 @@ from .._guards import reject_transforms
 from .._triton import IMPLS, resolve_impl
 from . import _checks
 from . import ops as _ops  # registers the torch.library ops used under torch.compile
-from .function import CEOptions, StatsOptions, chunked_cross_entropy, linear_token_stats
+from .chunked import WEIGHT_GRAD_ACCUMULATIONS, ChunkedOptions, active_row_index
+from .function import StatsOptions, chunked_cross_entropy, chunked_token_stats, linear_token_stats
 from .vocab_parallel import VocabParallel, resolve_vocab_parallel, vocab_parallel_token_stats
 
 __all__ = ["TokenLogprobs", "VocabParallel", "linear_cross_entropy", "token_logprobs"]
@@ -182,6 +184,11 @@ def _autocast_entry(fn):
 
 
 def _token_stats(hidden, weight, bias, targets, opts, backend, vp):
+    """The per-token primitive outside the chunked path: vocabulary-parallel shards, calls traced by
+    ``torch.compile`` (the op ``t3s::token_stats``), and the fused Triton strategy. Off CUDA the chunked path's
+    torch rows are not a primitive of this shape, so the reference serves there."""
+    if backend == "torch":
+        backend = "reference"
     if vp is None and torch.compiler.is_compiling():
         # traced as the custom op t3s::token_stats (eager calls never go through it)
         return _ops.token_stats(hidden, weight, bias, targets, opts, backend)
@@ -192,6 +199,85 @@ def _token_stats(hidden, weight, bias, targets, opts, backend, vp):
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+# Cost rule between the two training strategies on the Triton backend (strategy="auto"). With compaction the chunked
+# path skips inactive rows as well, and its 6·n·D·V (8·n·D·V for per-token outputs) GEMM FLOPs run at cuBLAS speed,
+# against 10·n·D·V for the fused recompute kernels at a fraction of it (their dh / dW kernels read-modify-write fp32
+# slabs per tile), so it wins at every LLM shape. The fused kernels win only where the whole call is tiny: no host
+# read of the active count, no workspace, three launches instead of ~10 per chunk. Rule: fused when
+# 2·n·D·V <= FUSED_MAX_FLOPS, where n = the active row count when the caller hands ``active_rows`` over (very sparse
+# masks) and the total row count N otherwise (known without a sync). 2^28 FLOPs ≈ 0.3 ms of one SM, ~1 µs of a
+# whole H100 GEMM: below it launch and sync latency dominate (a prediction of the cost model, env override
+# T3S_FUSED_MAX_FLOPS).
+FUSED_MAX_FLOPS = 2**28
+
+
+def _fused_max_flops() -> int:
+    env = os.environ.get("T3S_FUSED_MAX_FLOPS")
+    return int(env) if env else FUSED_MAX_FLOPS
+
+
+def _backend(impl: str, device: torch.device) -> str:
+    """``"reference"`` (the oracle), ``"triton"`` (CUDA, or the interpreter when asked for) or ``"torch"`` (the
+    chunked path with torch row ops: ``impl="auto"`` off CUDA)."""
+    backend = resolve_impl(impl, device)
+    if impl == "auto" and backend == "reference" and device.type == "cpu":  # meta tensors keep the reference
+        return "torch"
+    return backend
+
+
+def _use_fused(strategy: str, n_rows: int, D: int, V: int) -> bool:
+    if strategy != "auto":
+        return strategy == "fused"
+    return 2 * n_rows * D * V <= _fused_max_flops()
+
+
+def _check_chunked_args(fn, active_rows, workspace_bytes, weight_grad_accumulation, device) -> None:
+    if active_rows is not None:
+        if not isinstance(active_rows, torch.Tensor):
+            kind = type(active_rows).__name__
+            raise TypeError(f"{fn}: active_rows must be a 1-D int64 tensor of row indices, got {kind}")
+        if active_rows.dim() != 1 or active_rows.dtype != torch.int64:
+            raise ValueError(
+                f"{fn}: active_rows must be a 1-D int64 tensor, got shape {tuple(active_rows.shape)} "
+                f"{active_rows.dtype}"
+            )
+        if active_rows.device != device:
+            raise ValueError(f"{fn}: active_rows must be on {device}, got {active_rows.device}")
+    if workspace_bytes is not None and (
+        isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1
+    ):
+        raise ValueError(f"{fn}: workspace_bytes must be None or a positive int, got {workspace_bytes!r}")
+    if weight_grad_accumulation not in WEIGHT_GRAD_ACCUMULATIONS:
+        raise ValueError(
+            f"{fn}: weight_grad_accumulation must be one of {WEIGHT_GRAD_ACCUMULATIONS}, "
+            f"got {weight_grad_accumulation!r}"
+        )
+
+
+def _ce_per_token(nll, smooth, lse, eps: float, zl: float):
+    """``(1 − ε)·nll + ε·smooth + z_loss·lse²`` per token (``smooth = lse − Σz/V``, used only when ε > 0)."""
+    per_tok = (1.0 - eps) * nll
+    if eps > 0:
+        per_tok = per_tok + eps * smooth
+    if zl > 0:
+        per_tok = per_tok + zl * lse * lse
+    return per_tok
+
+
+def _reduce(per_tok, w, reduction: str, denominator):
+    if w is not None:
+        per_tok = per_tok * w
+    if reduction == "none":
+        return per_tok
+    if reduction == "sum":
+        return per_tok.sum()
+    return per_tok.sum() / denominator(per_tok.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,6 +305,9 @@ def linear_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     strategy: str = "auto",
+    active_rows: torch.Tensor | None = None,
+    workspace_bytes: int | None = None,
+    weight_grad_accumulation: str = "fp32",
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``softmax(cap(hidden @ weight.T + bias) / temperature)`` without ``[N, V]`` logits.
@@ -233,11 +322,10 @@ def linear_cross_entropy(
         targets: ``[...] = hidden.shape[:-1]`` integer class ids in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` LM-head bias.
         token_weight: optional ``[...]`` float per-token weight (a T3S 0/1 mask is a weight). Rows with weight 0
-            count as ignored: no loss, no gradient, and the fused strategy skips their GEMM work. Treated as a
-            constant (no gradient flows to it through the chunked strategy). Finite; negative weights (RL-style
-            signed weights, e.g. advantages) are allowed with ``reduction="sum"`` / ``"none"`` and with
-            ``"mean"`` plus a ``normalizer``, and rejected for ``"mean"`` without one (``Σ wᵢ`` is then the
-            denominator, undefined for signed weights).
+            count as ignored: no loss, no gradient, no GEMM work. Treated as a constant (no gradient flows to
+            it). Finite; negative weights (RL-style signed weights, e.g. advantages) are allowed with
+            ``reduction="sum"`` / ``"none"`` and with ``"mean"`` plus a ``normalizer``, and rejected for ``"mean"``
+            without one (``Σ wᵢ`` is then the denominator, undefined for signed weights).
         class_weight: optional ``[V]`` float weight per class, ``torch.nn.functional.cross_entropy``'s
             ``weight`` (named so because ``weight`` is the LM head): token ``i``'s loss is scaled by
             ``class_weight[yᵢ]`` and ``"mean"`` divides by ``Σ class_weight[yᵢ]·wᵢ`` — exactly F.cross_entropy.
@@ -264,20 +352,33 @@ def linear_cross_entropy(
             ``[..., T − k]``, element ``t`` belonging to hidden position ``t`` (CCE instead returns ``[..., T]``
             aligned with ``targets``). Anything else (a float, a string) is a ``TypeError``.
         return_lse: also return the per-token fp32 LSE of the transformed logits (0 at ignored tokens),
-            differentiable with the fused strategy.
-        impl: ``"auto"`` (Triton on CUDA, the PyTorch reference on CPU), ``"triton"`` or ``"reference"``.
-        strategy: Triton only. ``"chunked"``: per chunk of rows, cuBLAS logits in the input dtype, gradients
-            computed in the forward (6·N·D·V FLOPs, bounded workspace; ignored rows still cost GEMM work; ``lse`` is
-            returned detached). ``"fused"``: one fused kernel, nothing ``[N, V]`` stored, recompute in the
-            backward, ignored / zero-weight rows skipped. ``"auto"``: chunked for ``"mean"`` / ``"sum"`` without
-            ``token_weight`` and without ``return_lse`` when gradients are needed; fused otherwise. Calls that need
-            no gradient always run one fused forward pass that stores nothing. The fused strategy's backward is
-            two Triton recompute kernels (deterministic, skip inactive rows) or, with ``T3S_FUSED_BACKWARD=chunked``,
-            cuBLAS chunks (see :mod:`t3s_kernels.linear_ce.kernels` for the cost model).
+            differentiable.
+        impl: ``"auto"`` (Triton on CUDA; the chunked PyTorch path of :mod:`t3s_kernels.linear_ce.chunked` on CPU),
+            ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"reference"`` (the pure-autograd oracle).
+        strategy: Triton only, with gradients. ``"chunked"``: GEMM-bound chunks of active rows (torch matmuls,
+            a Triton row kernel for the statistics / ``dlogits``); ``"mean"`` / ``"sum"`` without a
+            differentiable ``lse`` form the gradients in the forward (6·n·D·V FLOPs, ``n`` = active rows) and the
+            backward scales them in place; ``"none"`` and ``return_lse`` store the per-token LSE and recompute the
+            logits in the backward (8·n·D·V). ``"fused"``: the fused Triton kernels, nothing ``[N, V]`` stored,
+            recompute in the backward (10·n·D·V). ``"auto"`` (default): the cost rule ``FUSED_MAX_FLOPS`` of this
+            module — fused only for tiny calls, chunked at every LLM shape. Calls that need no gradient run the
+            fused forward pass on the Triton backend, the chunked statistics sweep on the PyTorch one.
+        active_rows: optional 1-D int64 tensor of the rows of ``hidden.reshape(-1, D)`` that are scored (after
+            ``shift = k``: row ``t`` is scored when ``targets[..., t + k]`` is not ``ignore_index`` and its
+            weight is not 0), each exactly once, on ``hidden``'s device. The chunked path gathers these rows
+            only; handing the index over (e.g. built on the host with the batch) avoids its one host read of the
+            active count on CUDA (without it ``nonzero`` is used: one sync per call on CUDA, free on CPU).
+            Checked: eagerly on CPU, device-side (no sync) on CUDA.
+        workspace_bytes: memory budget of the chunked path's reusable workspace (default: 768 MiB on CUDA, 256 MiB
+            on CPU; env ``T3S_WORKSPACE_BYTES``); see :mod:`t3s_kernels.linear_ce.chunked` for the chunk plan.
+        weight_grad_accumulation: ``"fp32"`` (default, exact): the weight gradient is accumulated across row
+            chunks in fp32 — no workspace for fp32 weights (the accumulator is the output), an fp32 ``[V, D]``
+            buffer (V·D·4 bytes, 2.5 GB at V = 151936, D = 4096) for half weights. ``"weight_dtype"`` (opt-in,
+            approximate): accumulate in the weight's dtype (each chunk's GEMM still sums its rows in fp32).
         vocab_parallel: ``weight`` (and ``bias``) is this rank's vocabulary shard ``[vocab_start, vocab_end)``;
             per-token statistics are combined across the group (:mod:`t3s_kernels.linear_ce.vocab_parallel`).
-            A ``DTensor`` weight sharded on dim 0 sets it automatically. Targets are global ids; the fused
-            strategy is used.
+            A ``DTensor`` weight sharded on dim 0 sets it automatically. Targets are global ids; the per-token
+            primitive runs on each shard (fused kernels on CUDA, the reference on CPU).
 
     Returns:
         The fp32 loss (scalar, or ``[...]`` for ``"none"``), or ``(loss, lse)`` when ``return_lse``.
@@ -314,6 +415,7 @@ def linear_cross_entropy(
                                    signed_ok=signed_ok, fn=fn)
     if normalizer is not None:
         _checks.check_normalizer(normalizer, reduction, fn)
+    _check_chunked_args(fn, active_rows, workspace_bytes, weight_grad_accumulation, hidden.device)
     shift = _checks.check_shift(shift, targets, fn)
     if (torch.compiler.is_compiling() and vp is None and reduction != "none" and not return_lse
             and _needs_grad(hidden, weight, bias)):
@@ -322,6 +424,7 @@ def linear_cross_entropy(
             hidden, weight, targets, bias=bias, token_weight=token_weight, class_weight=class_weight,
             ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, temperature=temperature, shift=shift, impl=impl, strategy=strategy,
+            active_rows=active_rows, workspace_bytes=workspace_bytes, weight_grad_accumulation=weight_grad_accumulation,
         )
     if shift:  # position t is scored against targets[..., t + shift]; the last `shift` positions have no target
         n_pad = min(shift, targets.shape[-1])
@@ -338,9 +441,10 @@ def linear_cross_entropy(
 
     out_shape = tuple(targets.shape)
     device = hidden.device
-    backend = resolve_impl(impl, device)
+    backend = _backend(impl, device)
     h2 = hidden.reshape(-1, D)
     y = targets.reshape(-1)
+    N = h2.shape[0]
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     w = token_weight.reshape(-1).detach().to(acc_dtype) if token_weight is not None else None
     if w is not None:  # weight 0 ≡ ignored: the primitive then skips the row
@@ -361,47 +465,39 @@ def linear_cross_entropy(
         den = den.to(dtype)
         return torch.where(den == 0, torch.full_like(den, float("inf")), den)
 
-    use_chunked = (
-        backend == "triton"
-        and needs_grad
-        and hidden.dtype != torch.float64
-        and h2.shape[0] > 0
-        and reduction != "none"
-        and vp is None
-        and (strategy == "chunked" or (strategy == "auto" and token_weight is None and not return_lse))
+    if hidden.dtype == torch.float64 or N == 0:
+        backend = "reference"
+    use_chunked = vp is None and not torch.compiler.is_compiling() and (backend == "torch" or (
+        backend == "triton" and needs_grad
+        and not _use_fused(strategy, active_rows.numel() if active_rows is not None else N, D, V)
+    ))
     )
-    if strategy == "chunked" and reduction == "none" and backend == "triton" and needs_grad:
-        raise ValueError(
-            f"{fn}: strategy='chunked' needs reduction 'mean' or 'sum' (the upstream gradient must be known in the "
-            "forward); use strategy='fused' for reduction='none'"
-        )
     if use_chunked:
-        # per-token coefficient of the reduced loss, w_i / denominator, on device
-        coef = (w if w is not None else torch.ones_like(y, dtype=torch.float32)) * active
-        if reduction == "mean":
-            coef = coef / denominator(torch.float32)
-        opts = CEOptions(
-            ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), label_smoothing=eps, z_loss=zl
+        copts = ChunkedOptions(
+            softcap=softcap, temperature=float(temperature), label_smoothing=eps, z_loss=zl, want_smooth=eps > 0,
+            workspace_bytes=workspace_bytes, weight_grad_accumulation=weight_grad_accumulation,
+            row_impl="triton" if backend == "triton" else "torch",
         )
-        loss, lse = chunked_cross_entropy(h2, weight, bias, y, coef, opts)
+        idx = active_row_index(active, active_rows)
+        lse = None
+        if needs_grad and reduction != "none" and not return_lse:
+            # gradient in the forward: per-token coefficient of the reduced loss, w_i / denominator, on device
+            coef = (w.float() if w is not None else torch.ones(N, dtype=torch.float32, device=device)) * active
+            if reduction == "mean":
+                coef = coef / denominator(torch.float32)
+            loss = chunked_cross_entropy(h2, weight, bias, y, coef, idx, copts)
+        else:  # per-token statistics (stored LSE, recompute backward when a gradient is needed)
+            nll, lse, smooth, _ = chunked_token_stats(h2, weight, bias, y, idx, copts)
+            loss = _reduce(_ce_per_token(nll, smooth, lse, eps, zl), w, reduction, denominator)
     else:
         sopts = StatsOptions(
             ignore_index=ignore_index, softcap=softcap, temperature=float(temperature), want_sumz=eps > 0
         )
         lse, nll, sumz, _ = _token_stats(h2, weight, bias, y, sopts, backend, vp)
-        per_tok = (1.0 - eps) * nll  # fp32 (fp64 for fp64 inputs); 0 at inactive rows
-        if eps > 0:
-            per_tok = per_tok + eps * (lse - sumz / (vp.vocab_size if vp is not None else V))
-        if zl > 0:
-            per_tok = per_tok + zl * lse * lse
-        if w is not None:
-            per_tok = per_tok * w
-        if reduction == "none":
-            loss = per_tok
-        elif reduction == "sum":
-            loss = per_tok.sum()
-        else:
-            loss = per_tok.sum() / denominator(per_tok.dtype)
+        vocab = vp.vocab_size if vp is not None else V
+        # fp32 (fp64 for fp64 inputs); 0 at inactive rows
+        per_tok = _ce_per_token(nll, lse - sumz / vocab if eps > 0 else None, lse, eps, zl)
+        loss = _reduce(per_tok, w, reduction, denominator)
 
     if reduction == "none":
         loss = loss.reshape(out_shape)
@@ -433,6 +529,9 @@ def token_logprobs(
     return_entropy: bool = False,
     return_lse: bool = False,
     impl: str = "auto",
+    strategy: str = "auto",
+    active_rows: torch.Tensor | None = None,
+    workspace_bytes: int | None = None,
     vocab_parallel: VocabParallel | None = None,
 ) -> TokenLogprobs:
     """Per-token ``log p(targets)`` (and optionally entropy and LSE) from hidden states and the LM-head weight.
@@ -443,14 +542,17 @@ def token_logprobs(
         hidden: ``[..., D]`` fp16 / bf16 / fp32. weight: ``[V, D]`` same dtype. targets: ``[...]`` integer.
         bias, ignore_index, softcap, temperature: as :func:`linear_cross_entropy`.
         return_entropy / return_lse: also return the entropy / LSE of the transformed distribution.
-        impl: ``"auto" | "triton" | "reference"``.
+        impl: ``"auto" | "triton" | "reference"`` (``"auto"``: Triton on CUDA, the chunked PyTorch path on CPU).
+        strategy, active_rows, workspace_bytes: as :func:`linear_cross_entropy` (with gradients the chunked path
+            stores the per-token LSE / entropy and recomputes the logits in GEMM-bound chunks in the backward).
         vocab_parallel: the weight is this rank's vocabulary shard, as :func:`linear_cross_entropy`.
 
     Returns:
         :class:`TokenLogprobs` ``(logprob, entropy, lse)`` of fp32 ``[...]`` tensors (``entropy`` / ``lse`` are
         ``None`` unless asked for; every output is 0 at ignored positions). Differentiable w.r.t. ``hidden``,
         ``weight`` and ``bias`` for arbitrary upstream gradients of all returned outputs at once. Under
-        ``torch.no_grad`` it is a single fused forward pass that stores nothing (the Δc_t profiler's kernel).
+        ``torch.no_grad`` it is a single forward pass that stores nothing (the Δc_t profiler's kernel): the fused
+        Triton kernel on CUDA, the chunked statistics sweep on CPU (one bounded workspace).
 
     Examples:
         >>> import torch
@@ -465,11 +567,31 @@ def token_logprobs(
         hidden, weight, targets, bias, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
         impl=impl, fn=fn, vocab_size=vp.vocab_size if vp is not None else None,
     )
-    backend = resolve_impl(impl, hidden.device)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{fn}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    _check_chunked_args(fn, active_rows, workspace_bytes, "fp32", hidden.device)
+    backend = _backend(impl, hidden.device)
     shape = tuple(targets.shape)
-    sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
-                         want_sumz=False, want_entropy=bool(return_entropy))
-    lse, nll, _, ent = _token_stats(hidden.reshape(-1, D), weight, bias, targets.reshape(-1), sopts, backend, vp)
+    h2, y = hidden.reshape(-1, D), targets.reshape(-1)
+    N = h2.shape[0]
+    if hidden.dtype == torch.float64 or N == 0:
+        backend = "reference"
+    needs_grad = _needs_grad(hidden, weight, bias)
+    use_chunked = vp is None and not torch.compiler.is_compiling() and (backend == "torch" or (
+        backend == "triton" and needs_grad
+        and not _use_fused(strategy, active_rows.numel() if active_rows is not None else N, D, V)
+    ))
+    if use_chunked:
+        copts = ChunkedOptions(
+            softcap=softcap, temperature=float(temperature), want_entropy=bool(return_entropy),
+            workspace_bytes=workspace_bytes, row_impl="triton" if backend == "triton" else "torch",
+        )
+        idx = active_row_index(y != ignore_index, active_rows)
+        nll, lse, _, ent = chunked_token_stats(h2, weight, bias, y, idx, copts)
+    else:
+        sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
+                             want_sumz=False, want_entropy=bool(return_entropy))
+        lse, nll, _, ent = _token_stats(h2, weight, bias, y, sopts, backend, vp)
     logprob = (-nll).reshape(shape)
     return TokenLogprobs(
         logprob,

@@ -2,11 +2,14 @@
 
 * :class:`LinearTokenStatsFunction` — the fused strategy: per-token ``(lse, nll[, sumz][, entropy])`` in one
   pass that stores nothing ``[N, V]`` (``nll = lse − z_y`` formed relative to the row max, so it keeps its
-  precision at large logits); the backward takes arbitrary upstream gradients of every statistic, recomputes
-  the logits tile by tile and returns ``(dhidden, dweight, dbias)``.
-* :class:`LinearCEChunkedFunction` — the chunked strategy for a reduced cross-entropy: the gradients are computed
-  in the forward (the upstream gradient is a known per-token coefficient times a scalar), the backward only
-  scales them by the scalar ``grad_output``.
+  precision at large logits); the backward takes arbitrary upstream gradients of every statistic,
+  recomputes the logits tile by tile and returns ``(dhidden, dweight, dbias)``.
+* :class:`ChunkedCEFunction` — the chunked path (:mod:`.chunked`) for a reduced cross-entropy: the gradients are
+  computed in the forward (the upstream gradient is a known per-token coefficient times a scalar), the backward
+  scales them in place by the scalar ``grad_output`` (6·n·D·V GEMM FLOPs in all).
+* :class:`ChunkedStatsFunction` — the chunked path for per-token outputs (``reduction="none"``, differentiable
+  ``lse``, ``token_logprobs``): the forward stores the per-token ``lse`` / entropy only, the backward recomputes
+  the logits in GEMM-bound chunks for arbitrary upstream gradients (8·n·D·V in all).
 
 Options travel as one frozen dataclass; every backward returns exactly one gradient slot per forward input.
 """
@@ -17,14 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
+from . import chunked
+from .chunked import ChunkedOptions
 from .reference import reference_token_stats
 
 __all__ = [
-    "CEOptions",
-    "LinearCEChunkedFunction",
+    "ChunkedCEFunction",
+    "ChunkedOptions",
+    "ChunkedStatsFunction",
     "LinearTokenStatsFunction",
     "StatsOptions",
     "chunked_cross_entropy",
+    "chunked_token_stats",
     "linear_token_stats",
 ]
 
@@ -38,18 +45,6 @@ class StatsOptions:
     temperature: float = 1.0
     want_sumz: bool = False
     want_entropy: bool = False
-
-
-@dataclass(frozen=True)
-class CEOptions:
-    """Options of the chunked (gradient-in-forward) cross-entropy."""
-
-    ignore_index: int = -100
-    softcap: float | None = None
-    temperature: float = 1.0
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    chunk_bytes: int | None = None  # None: kernels.DEFAULT_CHUNK_BYTES (env T3S_CHUNK_BYTES overrides)
 
 
 def _kernels():
@@ -99,31 +94,91 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         return dh, dw, db, None, None
 
 
-class LinearCEChunkedFunction(torch.autograd.Function):
-    """``(hidden, weight, bias, targets, coef [N] fp32) -> (Σ coefᵢ·lossᵢ, lse [N])``; gradients made in the
-    forward, so the backward is a scalar multiply."""
+class ChunkedCEFunction(torch.autograd.Function):
+    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N], coef [N] fp32, idx [n] | None) ->
+    Σ coefᵢ·lossᵢ`` (fp32 scalar); gradients formed in the forward, scaled in place in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, coef, opts: CEOptions):
+    def forward(ctx, hidden, weight, bias, targets, coef, idx, opts: ChunkedOptions):
         need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        loss_tok, lse, dh, dw, db = _kernels().lce_chunked(
-            hidden, weight, bias, targets, coef, opts, need_dh=need_dh, need_dw=need_dw, need_db=need_db
+        st, dh, dw, db = chunked.stats_and_grads(
+            hidden, weight, bias, targets, idx, coef, opts, need_dh=need_dh, need_dw=need_dw, need_db=need_db
         )
-        loss = (loss_tok * coef).sum()
-        ctx.save_for_backward(dh, dw, db)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        eps, zl = float(opts.label_smoothing), float(opts.z_loss)
+        loss_tok = (1.0 - eps) * st.nll
+        if eps > 0:
+            loss_tok = loss_tok + eps * st.smooth
+        if zl > 0:
+            loss_tok = loss_tok + zl * st.lse * st.lse
+        c = coef if idx is None else coef.index_select(0, idx)
+        ctx.grads = (dh, dw, db)  # not inputs / outputs: kept as attributes, released after the backward
+        return (loss_tok * c).sum()
 
     @staticmethod
-    def backward(ctx, g_loss, g_lse):
-        dh, dw, db = ctx.saved_tensors
-        if g_loss is None:
+    def backward(ctx, g_loss):
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy: the chunked path scales its stored gradients in place, so its backward runs "
+                "once; retain_graph=True / a second backward through the same loss is not supported"
+            )
+        del ctx.grads
+        out = []
+        for t in grads:
+            if t is not None:
+                t.mul_(g_loss.to(t.dtype))
+            out.append(t)
+        return out[0], out[1], out[2], None, None, None, None
+
+
+class ChunkedStatsFunction(torch.autograd.Function):
+    """``(hidden, weight, bias, targets, idx, opts) -> (lse, nll[, smooth][, entropy])`` fp32 ``[N]`` (0 at inactive
+    rows, the order of :class:`~.chunked.Stats`); stores ``lse`` / entropy, recomputes the logits in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, idx, opts: ChunkedOptions):
+        N = hidden.shape[0]
+        st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
+        full = [None if t is None else chunked.scatter_rows(t, idx, N) for t in st]
+        ent_compact = st.entropy
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, weight, bias, targets, idx, full[0], full[3] if ent_compact is not None else None)
+        ctx.set_materialize_grads(False)
+        return tuple(t for t in full if t is not None)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        opts: ChunkedOptions = ctx.opts
+        hidden, weight, bias, targets, idx, lse, ent = ctx.saved_tensors
+        grads = list(grads)
+        g_lse, g_nll = grads[0], grads[1]
+        g_smooth = grads[2] if opts.want_smooth else None
+        g_ent = grads[-1] if opts.want_entropy else None
+        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if all(g is None for g in (g_nll, g_lse, g_smooth, g_ent)) or not (need_dh or need_dw or need_db):
             return None, None, None, None, None, None
+        dh, dw, db = chunked.recompute_backward(
+            hidden, weight, bias, targets, idx, lse, ent, g_nll, g_lse, g_smooth, g_ent, opts,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+        )
+        return dh, dw, db, None, None, None
 
-        def scale(t):
-            return None if t is None else t * g_loss.to(t.dtype)
 
-        return scale(dh), scale(dw), scale(db), None, None, None
+def chunked_token_stats(hidden, weight, bias, targets, idx, opts: ChunkedOptions):
+    """Per-token ``(nll, lse, smooth | None, entropy | None)`` ``[N]`` through the chunked path: an autograd
+    Function when a gradient is needed, else one forward sweep that stores nothing."""
+    N = hidden.shape[0]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        outs = list(ChunkedStatsFunction.apply(hidden, weight, bias, targets, idx, opts))
+        lse, nll = outs[0], outs[1]
+        smooth = outs[2] if opts.want_smooth else None
+        ent = outs[-1] if opts.want_entropy else None
+        return nll, lse, smooth, ent
+    with torch.no_grad():
+        st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
+    lse, nll, smooth, ent = (None if t is None else chunked.scatter_rows(t, idx, N) for t in st)
+    return nll, lse, smooth, ent
 
 
 def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backend: str):
@@ -148,6 +203,6 @@ def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backen
     return lse, nll, sumz, ent
 
 
-def chunked_cross_entropy(hidden, weight, bias, targets, coef, opts: CEOptions):
-    """Reduced cross-entropy ``Σ coefᵢ·lossᵢ`` and the (detached) per-token LSE with the chunked strategy."""
-    return LinearCEChunkedFunction.apply(hidden, weight, bias, targets, coef.float().contiguous(), opts)
+def chunked_cross_entropy(hidden, weight, bias, targets, coef, idx, opts: ChunkedOptions):
+    """Reduced cross-entropy ``Σ coefᵢ·lossᵢ`` through the chunked path, gradients formed in the forward."""
+    return ChunkedCEFunction.apply(hidden, weight, bias, targets, coef.detach().float().contiguous(), idx, opts)

@@ -26,18 +26,15 @@ Kernels (``N`` rows of ``hidden [N, D]``, ``V`` rows of ``weight [V, D]``; ``z =
 * ``_lce_bwd_dw_kernel`` — recompute backward for ``dweight`` / ``dbias``: grid over V tiles, loop over the active
   row blocks, accumulate ``dxᵀ·h`` into the program's rows of an fp32 ``[V, D]`` buffer. Deterministic: no
   atomics, a fixed reduction order.
-* ``_lce_chunk_row_kernel`` — chunked strategy: one program per row of a cuBLAS logits chunk (fp32 via
-  ``mm(out_dtype=float32)``); two passes over V (statistics, then ``dx`` in the input dtype, the target entry
-  formed in fp32 to avoid ``p_y − 1`` cancellation).
-* ``_lce_chunk_bwd_row_kernel`` — optional backward of the fused strategy through cuBLAS chunks
-  (``T3S_FUSED_BACKWARD=chunked``): per row, the statistics of the workspace logits, then ``dx`` for the four
-  upstream gradients; ``dh`` / ``dW`` are cuBLAS GEMMs. GEMM-speed but no row skipping.
+* ``_lce_chunk_row_kernel`` — the chunked path (:mod:`.chunked`): one program per row of a cuBLAS fp32 logits
+  chunk; statistics relative to the row max (``lse``, ``nll``, smoothing and entropy terms), then ``dx`` in the
+  input dtype for per-row coefficients (gradient-in-forward or recompute backward). It also serves the fused
+  strategy's optional chunked backward (``T3S_FUSED_BACKWARD=chunked``).
 
-Cost model (why two fused backwards): the recompute kernels read-modify-write an fp32 ``[BLOCK_N, D]`` (``dh``)
-or ``[BLOCK_V, D]`` (``dW``) slab once per tile of the other axis, so at LLM shapes (D = 4096, V = 152k) they are
-bandwidth-bound (~0.6 TB of fp32 traffic each at N = 32k); they win when most rows are inactive (sparse masks,
-prompt tokens) and give deterministic, bit-reproducible gradients. The chunked backward costs 6·N·D·V at cuBLAS
-speed plus ``~6·chunk·V`` bytes of workspace traffic per chunk. Pick with a benchmark on the target GPU.
+Cost model: the recompute kernels read-modify-write an fp32 ``[BLOCK_N, D]`` (``dh``) or ``[BLOCK_V, D]`` (``dW``)
+slab once per tile of the other axis, so at LLM shapes (D = 4096, V = 152k) they are bandwidth-bound (~0.6 TB of
+fp32 traffic each at N = 32k) and give deterministic, bit-reproducible gradients. The chunked path costs 6·n·D·V
+(8·n·D·V for per-token outputs) at cuBLAS speed over the n active rows; ``api.FUSED_MAX_FLOPS`` is the rule.
 
 Outputs of the primitive: ``(lse, nll = lse − z_y, Σz, entropy)``; its backward maps ``g_nll`` to ``g_lse += g_nll``,
 ``g_tgt = −g_nll`` (see :class:`~.function.LinearTokenStatsFunction`).
@@ -59,17 +56,15 @@ import torch
 from .._triton import interpreting, tl, triton
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES",
     "active_rows",
     "fused_backward_mode",
     "fwd_plan",
     "fwd_splits",
-    "lce_chunked",
+    "lce_chunk_rows",
     "lce_stats_bwd",
     "lce_stats_fwd",
 ]
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # chunked strategy: one [chunk, V] logits workspace at most this large
 _AUTOTUNE = os.environ.get("T3S_AUTOTUNE", "0") == "1"
 
 
@@ -409,89 +404,81 @@ def _lce_bwd_dw_kernel(
 
 @triton.jit
 def _lce_chunk_row_kernel(
-    x, dx, b, y, coef, lse, loss, stride_xn, stride_dxn, V, ignore_index, softcap, inv_temp, eps, z_loss,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+    x, dx, b, y, lse, ent, nll, smooth, g_lse, g_tgt, g_sumz, g_ent, g_lse2, stride_xn, stride_dxn, V, softcap,
+    inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_STATS: tl.constexpr, WANT_SMOOTH: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, WRITE_DX: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    HAS_G_LSE2: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """One program per (active) row of fp32 raw logits ``x`` (the chunked path of :mod:`.chunked`).
+
+    ``COMPUTE_STATS``: online max / Σe^{z−m} over V tiles, with the target logit, ``Σ(z − m)`` and
+    ``Σe^{z−m}(z − m)`` kept relative to the running max; writes ``lse``, ``nll = log s − (z_y − m)`` (never the
+    difference of two absolute values), ``smooth = log s − Σ(z − m)/V`` and ``ent``. Else ``lse`` / ``ent`` are read.
+    ``WRITE_DX``: ``dx = [(g_lse + 2·g_lse2·lse)·p + g_tgt·[v = y] + g_sumz − g_ent·p·(z − lse + H)] / T · (1 − tanh²)``
+    in ``dx``'s dtype (may alias ``x``: each tile is read before it is written).
+    """
     i_n = tl.program_id(0).to(tl.int64)
     p_x = x + i_n * stride_xn
     b_y = tl.load(y + i_n).to(tl.int64)
-    b_active = b_y != ignore_index
-    b_c = tl.where(b_active, tl.load(coef + i_n), 0.0)
-    # pass 1: statistics
-    b_m = float("-inf")
-    b_s = 0.0
-    b_t = 0.0
-    b_sz = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z, _ = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-        b_m, b_s, _, b_t, b_sz = _lce_online_stats(
-            b_z, m_v, o_v, b_y, b_m, b_s, 0.0, b_t, b_sz, 0, True, HAS_SMOOTHING, False
-        )
-    b_lse = tl.maximum(b_m + tl.log(b_s), b_t)
-    b_loss = (1.0 - eps) * (b_lse - b_t) + z_loss * b_lse * b_lse
-    if HAS_SMOOTHING:
-        b_loss += eps * (b_lse - b_sz / V)
-    tl.store(lse + i_n, tl.where(b_active, b_lse, 0.0))
-    tl.store(loss + i_n, tl.where(b_active, b_loss, 0.0))
-    # pass 2: dx in place. dz_v = g_lse p_v + g_tgt [v = y] + g_sumz
-    b_gl = b_c * (1.0 + 2.0 * z_loss * b_lse)
-    b_gt = -b_c * (1.0 - eps)
-    b_gs = -b_c * eps / V
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z, b_th = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-        b_dx = _lce_dx(
-            b_z, b_th, m_v, o_v, b_y, b_lse, b_gl, b_gt, b_gs, 0.0, 0.0, inv_temp, HAS_SOFTCAP, True, False
-        )  # dz = g_lse p + g_tgt [v = y] + g_sumz
-        b_dx = tl.where(b_active, b_dx, 0.0)  # exact zeros for ignored rows, whatever their logits
-        tl.store(dx + i_n * stride_dxn + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)  # may alias x (in place)
-
-
-@triton.jit
-def _lce_chunk_bwd_row_kernel(
-    x, dx, b, y, g_lse, g_tgt, g_sumz, g_ent, stride_xn, stride_dxn, V, ignore_index, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr,
-    HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Chunked recompute backward of the primitive for one row: statistics of the workspace logits, then dx."""
-    i_n = tl.program_id(0).to(tl.int64)
-    p_x = x + i_n * stride_xn
-    p_dx = dx + i_n * stride_dxn
-    b_y = tl.load(y + i_n).to(tl.int64)
-    if b_y == ignore_index:  # inactive row: zero gradient, no exp of unnormalised logits
+    if COMPUTE_STATS:
+        b_m = float("-inf")
+        b_s = 0.0
+        b_a = 0.0  # Σ e^{z - m} (z - m)
+        b_t = 0.0  # z_y
+        b_sd = 0.0  # Σ (z - m)
         for v0 in range(0, V, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
-            tl.store(p_dx + o_v, tl.zeros([BLOCK_V], dtype=tl.float32).to(dx.dtype.element_ty), mask=o_v < V)
-        return
-    # pass 1: lse and Σ p z of the logits as they sit in the workspace (self-consistent softmax)
-    b_m = float("-inf")
-    b_s = 0.0
-    b_a = 0.0  # Σ e^{z - m} (z - m)
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z, _ = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-        b_m, b_s, b_a, _, _ = _lce_online_stats(
-            b_z, m_v, o_v, b_y, b_m, b_s, b_a, 0.0, 0.0, 0, False, False, HAS_G_ENT
-        )
-    b_lse = b_m + tl.log(b_s)
-    b_pz = b_m + b_a / b_s  # Σ p z
-    b_gl = tl.load(g_lse + i_n) if HAS_G_LSE else 0.0
-    b_gt = tl.load(g_tgt + i_n) if HAS_G_TGT else 0.0
-    b_gs = tl.load(g_sumz + i_n) if HAS_G_SUMZ else 0.0
-    b_ge = tl.load(g_ent + i_n) if HAS_G_ENT else 0.0
-    # pass 2: dz_v = g_lse p_v + g_tgt [v = y] + g_sumz - g_ent p_v (z_v - Σ p z)
-    for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        b_z, b_th = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-        b_dx = _lce_dx(
-            b_z, b_th, m_v, o_v, b_y, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, inv_temp, HAS_SOFTCAP, True, HAS_G_ENT
-        )
-        tl.store(p_dx + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)
+            m_v = o_v < V
+            b_z, _ = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+            b_zm = tl.where(m_v, b_z, float("-inf"))
+            b_t += tl.sum(tl.where(o_v == b_y, b_z, 0.0), axis=0)
+            b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=0))
+            b_shift = tl.where(b_s > 0, b_m - b_m_new, 0.0)  # no (-inf) * 0 on the first tile
+            b_e = tl.exp(b_zm - b_m_new)  # 0 on masked columns
+            b_d = tl.where(m_v, b_z - b_m_new, 0.0)
+            b_alpha = tl.exp(b_m - b_m_new)
+            if WANT_ENTROPY:
+                b_a = b_alpha * (b_a + b_shift * b_s) + tl.sum(b_e * b_d, axis=0)
+            if WANT_SMOOTH:
+                b_sd += v0 * b_shift + tl.sum(b_d, axis=0)
+            b_s = b_s * b_alpha + tl.sum(b_e, axis=0)
+            b_m = b_m_new
+        b_log_s = tl.log(b_s)
+        b_lse = b_m + b_log_s
+        tl.store(lse + i_n, b_lse)
+        tl.store(nll + i_n, tl.maximum(b_log_s - (b_t - b_m), 0.0))
+        if WANT_SMOOTH:
+            tl.store(smooth + i_n, b_log_s - b_sd / V)
+        if WANT_ENTROPY:
+            b_h = tl.maximum(b_log_s - b_a / b_s, 0.0)
+            tl.store(ent + i_n, b_h)
+    else:
+        b_lse = tl.load(lse + i_n)
+        if HAS_G_ENT:
+            b_h = tl.load(ent + i_n)
+    if WRITE_DX:
+        b_gl = tl.load(g_lse + i_n)
+        if HAS_G_LSE2:
+            b_gl += 2.0 * tl.load(g_lse2 + i_n) * b_lse
+        b_gt = tl.load(g_tgt + i_n)
+        b_gs = tl.load(g_sumz + i_n) if HAS_G_SUMZ else 0.0
+        b_ge = tl.load(g_ent + i_n) if HAS_G_ENT else 0.0
+        for v0 in range(0, V, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            m_v = o_v < V
+            b_z, b_th = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+            b_q = b_z - b_lse
+            b_p = tl.exp(tl.where(m_v, b_q, float("-inf")))
+            b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0)
+            if HAS_G_SUMZ:
+                b_dz += b_gs
+            if HAS_G_ENT:
+                b_dz -= b_ge * b_p * (b_q + b_h)  # z - Σ p z = (z - lse) + H
+            b_dx = b_dz * inv_temp
+            if HAS_SOFTCAP:
+                b_dx = b_dx * (1.0 - b_th * b_th)
+            tl.store(dx + i_n * stride_dxn + o_v, b_dx.to(dx.dtype.element_ty), mask=m_v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,8 +572,8 @@ def fused_backward_mode() -> str:
     """Backward of the fused strategy, from ``T3S_FUSED_BACKWARD`` (read at call time):
 
     * ``"kernel"`` (default): the two Triton recompute kernels; deterministic, skip ignored / zero-weight rows.
-    * ``"chunked"``: cuBLAS logits chunks + a Triton row kernel for ``dx`` + cuBLAS ``dh`` / ``dW`` (GEMM-speed,
-      bounded workspace, no row skipping).
+    * ``"chunked"``: the chunked path's sweep (:mod:`.chunked`): cuBLAS logits chunks of the active rows + the
+      Triton row kernel for ``dx`` + cuBLAS ``dh`` / ``dW`` (GEMM-speed, bounded workspace).
     """
     mode = os.environ.get("T3S_FUSED_BACKWARD", "kernel")
     if mode not in FUSED_BACKWARDS:
@@ -801,147 +788,61 @@ def lce_stats_bwd(
     return dh, dw, db
 
 
-def _chunk_rows(N: int, V: int, bytes_per_logit: int, chunk_bytes: int | None) -> int:
-    if chunk_bytes is None:
-        chunk_bytes = int(os.environ.get("T3S_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-    return max(1, min(N, chunk_bytes // max(1, V * bytes_per_logit)))
+def chunk_row_block(V: int) -> dict:
+    """Launch config of the row kernels: one program per row, ``BLOCK_V`` columns per tile."""
+    if interpreting():
+        return dict(BLOCK_V=min(128, triton.next_power_of_2(V)))
+    return dict(BLOCK_V=min(8192, triton.next_power_of_2(V)), num_warps=16 if V >= 8192 else 8)
 
 
-_MM_OUT_DTYPE_OK: dict[str, bool] = {}
+def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, g, *, softcap, temperature, compute_stats: bool,
+                   want_smooth: bool, want_entropy: bool) -> None:
+    """Launch ``_lce_chunk_row_kernel`` over the ``k`` rows of fp32 raw logits ``x [k, V]`` (the chunked path).
 
-
-def _fp32_logits_supported(hidden: torch.Tensor) -> bool:
-    """fp32 logits from half operands without an upcast copy: cuBLAS ``mm(out_dtype=float32)`` (torch >= 2.8)."""
-    if hidden.dtype == torch.float32 or hidden.device.type == "cpu":
-        return True  # CPU: operands are upcast (tests / interpreter only)
-    key = str(hidden.device)
-    if key not in _MM_OUT_DTYPE_OK:
-        try:  # probe the exact calls used below
-            a = torch.zeros(16, 16, dtype=hidden.dtype, device=hidden.device)
-            o = torch.zeros(16, 16, dtype=torch.float32, device=hidden.device)
-            torch.mm(a, a.t(), out_dtype=torch.float32, out=o)
-            torch.addmm(o, a.t(), a, out_dtype=torch.float32, out=o)
-            _MM_OUT_DTYPE_OK[key] = True
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE_OK[key] = False
-    return _MM_OUT_DTYPE_OK[key]
-
-
-def _logits_into(out: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor) -> None:
-    """``out = h_c @ weight.T`` with fp32 accumulation; ``out`` is fp32 or the input dtype."""
-    if out.dtype == h_c.dtype:
-        torch.matmul(h_c, weight.t(), out=out)
-    elif out.is_cuda:
-        torch.mm(h_c, weight.t(), out_dtype=torch.float32, out=out)
-    else:
-        torch.matmul(h_c.float(), weight.float().t(), out=out)
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc (fp32) += a @ b`` with fp32 accumulation, whatever the dtype of ``a`` and ``b``."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _fp32_logits_supported(a):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    elif acc.is_cuda:  # torch < 2.8: one [V, D] temporary in the input dtype per chunk
-        acc += (a @ b).float()
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-class _ChunkWorkspace:
-    """One ``[rows, V]`` logits buffer (fp32 when it can be filled without an upcast copy) and, when that differs
-    from the input dtype, a ``[rows, V]`` input-dtype buffer for ``dx`` (the operand of the gradient GEMMs)."""
-
-    def __init__(self, hidden, V, chunk_bytes):
-        N = hidden.shape[0]
-        self.logits_dtype = torch.float32 if _fp32_logits_supported(hidden) else hidden.dtype
-        per = torch.finfo(self.logits_dtype).bits // 8
-        if self.logits_dtype != hidden.dtype:
-            per += hidden.element_size()
-        self.rows = _chunk_rows(N, V, per, chunk_bytes)
-        self.x = torch.empty(self.rows, V, dtype=self.logits_dtype, device=hidden.device)
-        self.dx = self.x if self.logits_dtype == hidden.dtype else torch.empty(
-            self.rows, V, dtype=hidden.dtype, device=hidden.device
-        )
-
-    def row_block(self, V):
-        if interpreting():
-            return dict(BLOCK_V=min(128, triton.next_power_of_2(V)))
-        return dict(BLOCK_V=min(8192, triton.next_power_of_2(V)), num_warps=16 if V >= 8192 else 8)
-
-
-def _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e):
-    if dh is not None:
-        torch.matmul(dx, weight, out=dh[s:e])
-    if dw_acc is not None:
-        _addmm_fp32(dw_acc, dx.t(), h_c)
-    if db_acc is not None:
-        db_acc += dx.sum(0, dtype=torch.float32)
-
-
-def lce_chunked(hidden, weight, bias, targets, coef, opts, *, need_dh: bool, need_dw: bool, need_db: bool):
-    """Chunked strategy: ``(loss_tok, lse, dh, dw, db)`` with gradients of ``Σ coefᵢ·lossᵢ`` made in the forward.
-
-    Per chunk of rows: fp32 logits by cuBLAS (``mm(out_dtype=float32)``; input-dtype logits on torch < 2.8), a
-    Triton row kernel computes the statistics and writes ``dx`` (in place when the dtypes agree), then
-    ``dh = dx·W`` and ``dW (fp32) += dxᵀ·h``, ``db += Σ dx``. Every row pays for its GEMMs (skipping ignored rows
-    would need a host sync for the compacted shape).
+    ``g``: a :class:`~t3s_kernels.linear_ce.chunked.RowGrads` of ``[k]`` fp32 coefficients (``dx`` written) or
+    ``None``; ``lse`` / ``nll`` / ``smooth`` / ``ent``: ``[k]`` fp32 outputs (``compute_stats``) or inputs.
     """
-    N, D = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    loss_tok, lse = torch.empty(N, **f32), torch.empty(N, **f32)
-    dh = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_dh else None
-    dw_acc = torch.zeros(V, D, **f32) if need_dw else None
-    db_acc = torch.zeros(V, **f32) if need_db else None
-    if N > 0:
-        ws = _ChunkWorkspace(hidden, V, opts.chunk_bytes)
-        targets, coef = targets.contiguous(), coef.contiguous()
-        for s in range(0, N, ws.rows):
-            e = min(N, s + ws.rows)
-            h_c, x, dx = hidden[s:e], ws.x[: e - s], ws.dx[: e - s]
-            _logits_into(x, h_c, weight)
-            _lce_chunk_row_kernel[(e - s,)](
-                x=x, dx=dx, b=bias if bias is not None else x, y=targets[s:e], coef=coef[s:e], lse=lse[s:e],
-                loss=loss_tok[s:e], stride_xn=x.stride(0), stride_dxn=dx.stride(0), V=V,
-                ignore_index=opts.ignore_index, softcap=float(opts.softcap or 1.0),
-                inv_temp=1.0 / float(opts.temperature), eps=float(opts.label_smoothing), z_loss=float(opts.z_loss),
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None,
-                HAS_SMOOTHING=opts.label_smoothing > 0, **ws.row_block(V),
-            )
-            _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e)
-    dw = dw_acc.to(weight.dtype) if need_dw else None
-    db = db_acc.to(bias.dtype) if need_db else None
-    return loss_tok, lse, dh, dw, db
+    k, V = x.shape
+    if k == 0:
+        return
+    dummy = lse
+    write_dx = g is not None
+
+    def arg(t):
+        return t.contiguous() if t is not None else dummy
+
+    _lce_chunk_row_kernel[(k,)](
+        x=x, dx=dx if write_dx else x, b=bias if bias is not None else x, y=y.contiguous(), lse=lse,
+        ent=arg(ent), nll=arg(nll), smooth=arg(smooth),
+        g_lse=arg(g.g_lse if write_dx else None), g_tgt=arg(g.g_tgt if write_dx else None),
+        g_sumz=arg(g.g_sumz if write_dx else None), g_ent=arg(g.g_ent if write_dx else None),
+        g_lse2=arg(g.g_lse2 if write_dx else None),
+        stride_xn=x.stride(0), stride_dxn=dx.stride(0) if write_dx else x.stride(0), V=V,
+        softcap=float(softcap or 1.0), inv_temp=1.0 / float(temperature),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_STATS=compute_stats,
+        WANT_SMOOTH=compute_stats and want_smooth, WANT_ENTROPY=compute_stats and want_entropy,
+        WRITE_DX=write_dx, HAS_G_SUMZ=write_dx and g.g_sumz is not None,
+        HAS_G_ENT=write_dx and g.g_ent is not None, HAS_G_LSE2=write_dx and g.g_lse2 is not None,
+        **chunk_row_block(V),
+    )
 
 
 def _lce_stats_bwd_chunked(hidden, weight, bias, targets, g, opts, *, need_dh, need_dw, need_db):
-    """Recompute backward of the primitive through cuBLAS chunks (6·N·D·V, bounded workspace, no row skipping)."""
-    N, D = hidden.shape
-    V = weight.shape[0]
-    dev = hidden.device
-    dh = torch.empty(N, D, dtype=hidden.dtype, device=dev) if need_dh else None
-    dw_acc = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_dw else None
-    db_acc = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    """Backward of the primitive through the chunked path (:mod:`.chunked`): active rows compacted (one host read
+    of their count), fp32 logits sub-chunks, the row kernel recomputes the statistics and writes ``dx``, torch
+    GEMMs for ``dh`` / ``dW`` (6·n·D·V FLOPs, bounded workspace)."""
+    from . import chunked
+
     g_lse, g_tgt, g_sumz, g_ent = g
-    ws = _ChunkWorkspace(hidden, V, None)
-    targets = targets.contiguous()
-    dummy = ws.x
-    for s in range(0, N, ws.rows):
-        e = min(N, s + ws.rows)
-        h_c, x, dx = hidden[s:e], ws.x[: e - s], ws.dx[: e - s]
-        _logits_into(x, h_c, weight)
-        _lce_chunk_bwd_row_kernel[(e - s,)](
-            x=x, dx=dx, b=bias if bias is not None else dummy, y=targets[s:e],
-            g_lse=g_lse[s:e] if g_lse is not None else dummy, g_tgt=g_tgt[s:e] if g_tgt is not None else dummy,
-            g_sumz=g_sumz[s:e] if g_sumz is not None else dummy, g_ent=g_ent[s:e] if g_ent is not None else dummy,
-            stride_xn=x.stride(0), stride_dxn=dx.stride(0), V=V, ignore_index=opts.ignore_index,
-            softcap=float(opts.softcap or 1.0), inv_temp=1.0 / float(opts.temperature),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_G_LSE=g_lse is not None,
-            HAS_G_TGT=g_tgt is not None, HAS_G_SUMZ=g_sumz is not None, HAS_G_ENT=g_ent is not None,
-            **ws.row_block(V),
-        )
-        _grads_from_dx(dx, h_c, weight, dh, dw_acc, db_acc, s, e)
-    return dh, (dw_acc.to(weight.dtype) if need_dw else None), (db_acc.to(bias.dtype) if need_db else None)
+    idx = chunked.active_row_index(targets != opts.ignore_index, None)
+    zero = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+
+    def take(t, default=None):
+        t = t if t is not None else default
+        return None if t is None else (t if idx is None else t.index_select(0, idx))
+
+    grads = chunked.RowGrads(take(g_lse, zero), take(g_tgt, zero), take(g_sumz), take(g_ent))
+    copts = chunked.ChunkedOptions(softcap=opts.softcap, temperature=opts.temperature, row_impl="triton")
+    _, dh, dw, db = chunked._sweep(hidden, weight, bias, targets, idx, copts, stats=True, grads=grads,
+                                   need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+    return dh, dw, db

@@ -166,8 +166,8 @@ def _lce_reduced_op(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weight: Tensor | None,
     class_weight: Tensor | None, normalizer: Tensor | None, normalizer_value: float | None, ignore_index: int,
     reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, temperature: float, shift: int,
-    impl: str,
-    strategy: str, need_dh: bool, need_dw: bool, need_db: bool,
+    impl: str, strategy: str, active_rows: Tensor | None, workspace_bytes: int | None,
+    weight_grad_accumulation: str, need_dh: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from .api import linear_cross_entropy
 
@@ -180,6 +180,7 @@ def _lce_reduced_op(
             reduction=reduction,
             normalizer=normalizer if normalizer is not None else normalizer_value, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, temperature=temperature, shift=shift, impl=impl, strategy=strategy,
+            active_rows=active_rows, workspace_bytes=workspace_bytes, weight_grad_accumulation=weight_grad_accumulation,
         )
         leaves = [t for t, need in ((h, need_dh), (w, need_dw), (b, need_db)) if t is not None and need]
         got = iter(torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else ())
@@ -195,7 +196,8 @@ def _lce_reduced_op(
 
 @_lce_reduced_op.register_fake
 def _(hidden, weight, bias, targets, token_weight, class_weight, normalizer, normalizer_value, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, temperature, shift, impl, strategy, need_dh, need_dw, need_db):
+      label_smoothing, z_loss, softcap, temperature, shift, impl, strategy, active_rows, workspace_bytes,
+      weight_grad_accumulation, need_dh, need_dw, need_db):
     loss = hidden.new_empty((), dtype=_acc_dtype(hidden))
     dh = torch.empty_like(hidden) if need_dh else weight.new_empty((0,))
     dw = torch.empty_like(weight) if need_dw else weight.new_empty((0,))
@@ -218,14 +220,15 @@ def _lce_reduced_backward(ctx, g_loss, _g_dh, _g_dw, _g_db):
         return t * g_loss.to(t.dtype) if need else None
 
     return (scale(dh, need_dh), scale(dw, need_dw), scale(db, need_db and ctx.has_bias),
-            *([None] * 17))
+            *([None] * 20))
 
 
 _lce_reduced_op.register_autograd(_lce_reduced_backward, setup_context=_lce_reduced_setup)
 
 
 def lce_reduced(hidden, weight, targets, *, bias, token_weight, class_weight, ignore_index, reduction, normalizer,
-                label_smoothing, z_loss, softcap, temperature, shift, impl, strategy) -> Tensor:
+                label_smoothing, z_loss, softcap, temperature, shift, impl, strategy, active_rows=None,
+                workspace_bytes=None, weight_grad_accumulation="fp32") -> Tensor:
     """A ``"mean"`` / ``"sum"`` :func:`~t3s_kernels.linear_cross_entropy` through ``t3s::lce_reduced``."""
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
@@ -233,6 +236,7 @@ def lce_reduced(hidden, weight, targets, *, bias, token_weight, class_weight, ig
     value_norm = None if normalizer is None or tensor_norm is not None else float(normalizer)
     loss, _, _, _ = torch.ops.t3s.lce_reduced(
         hidden, weight, bias, targets, token_weight, class_weight, tensor_norm, value_norm, ignore_index, reduction,
-        float(label_smoothing), float(z_loss), softcap, float(temperature), int(shift), impl, strategy, *need,
+        float(label_smoothing), float(z_loss), softcap, float(temperature), int(shift), impl, strategy, active_rows,
+        workspace_bytes, weight_grad_accumulation, *need,
     )
     return loss

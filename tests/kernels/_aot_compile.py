@@ -180,11 +180,12 @@ def lce_jobs(name: str):
                                  impl="triton")
             (out.logprob.sum() + out.entropy.sum() + out.lse.sum()).backward()
         os.environ.pop("T3S_FUSED_BACKWARD")
-        for extra in (dict(), dict(token_weight=tw), dict(reduction="none")):  # the trainers' reductions
-            hh, ww, bb = leaves()
-            loss = linear_cross_entropy(hh, ww, y, bias=bb, softcap=30.0, label_smoothing=0.1, z_loss=1e-4,
-                                        impl="triton", **extra)
-            loss.sum().backward()
+        for strategy in ("fused", "chunked"):  # the trainers' reductions through both strategies
+            for extra in (dict(), dict(token_weight=tw), dict(reduction="none")):
+                hh, ww, bb = leaves()
+                loss = linear_cross_entropy(hh, ww, y, bias=bb, softcap=30.0, label_smoothing=0.1, z_loss=1e-4,
+                                            impl="triton", strategy=strategy, **extra)
+                loss.sum().backward()
 
     real_runs_on = tt.triton_runs_on
     tt.triton_runs_on = lambda device: True  # CPU tensors reach the Triton launchers; nothing is launched

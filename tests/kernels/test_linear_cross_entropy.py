@@ -74,8 +74,18 @@ def test_triton_ce_matches_oracle(shape, V, D, inp, kw, dtype, strategy, poison_
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunk workspaces of 7 rows, so the chunked paths run several chunks on tiny inputs."""
-    monkeypatch.setattr(lce_kernels, "_chunk_rows", lambda N, V, per, cb: min(N, 7))
+    """Chunk workspaces of 7 rows (statistics sub-chunks of 3), so the chunked paths run several chunks on tiny
+    inputs."""
+    from t3s_kernels.linear_ce import chunked
+
+    real_plan = chunked.plan_chunks
+
+    def plan(*a, **k):
+        p = real_plan(*a, **k)
+        rows = min(p.rows, 7)
+        return p._replace(rows=rows, stats_rows=min(p.stats_rows, 3, rows))
+
+    monkeypatch.setattr(chunked, "plan_chunks", plan)
 
 
 @pytest.mark.triton
@@ -125,8 +135,6 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(impl, strategy, how, poison_
     h, W, b, y, _ = _inputs((2, 9), 29, 12, torch.float32, bias=True, ignore_frac=1.0 if how == "ignore" else 0.0)
     w = torch.zeros(y.shape) if how == "zero-weight" else None
     for reduction in ("mean", "sum", "none"):
-        if strategy == "chunked" and reduction == "none":
-            continue
         hh, WW, bb = (t.clone().requires_grad_() for t in (h, W, b))
         loss, lse = linear_cross_entropy(hh, WW, y, bias=bb, token_weight=w, reduction=reduction, impl=impl,
                                          strategy=strategy, return_lse=True, label_smoothing=0.1, z_loss=1e-3)
@@ -166,11 +174,11 @@ def test_autocast_casts_inputs_and_keeps_fp32_master_grads(impl, strategy):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("strategy", ["fused"])
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
 def test_ignored_rows_do_not_leak(strategy, poison_empty):
-    """NaN hidden states at ignored / zero-weight rows change nothing: the fused kernels never touch those rows
-    (skipped, not multiplied by zero). int32 targets. (The chunked strategy multiplies them by zero in the dW GEMM,
-    like plain PyTorch, so it is not expected to pass this.)"""
+    """NaN hidden states at ignored / zero-weight rows change nothing: every path skips those rows (the fused
+    kernels by their row order, the chunked path by compacting the active rows), never multiplying them by zero.
+    int32 targets."""
     h, W, b, y, w = _inputs((40,), 47, 18, torch.float32, bias=True, weights=True, seed=12)
     dead = (y == -100) | (w == 0)
     y = y.to(torch.int32)
@@ -190,29 +198,46 @@ def test_ignored_rows_do_not_leak(strategy, poison_empty):
 
 @pytest.mark.triton
 def test_strategy_dispatch(monkeypatch):
-    """auto: chunked for mean/sum without token_weight / return_lse; fused otherwise; forward-only without grad."""
+    """auto: the cost rule (``api.FUSED_MAX_FLOPS``) picks the chunked path for every reduction above it — weighted,
+    ``none``, ``return_lse`` alike (behaviour changed: it used to depend on which argument was passed) — and the
+    fused kernels for calls at or below it; forward-only without grad. impl="auto" on CPU is the chunked path."""
+    from t3s_kernels.linear_ce import api as lce_api
+
     h, W, _, y, w = _inputs((9,), 31, 16, torch.float32, weights=True)
     calls = []
-    real_chunked, real_apply = lce_kernels.lce_chunked, lce_function.LinearTokenStatsFunction.apply
-    real_fwd = lce_kernels.lce_stats_fwd
-    monkeypatch.setattr(lce_kernels, "lce_chunked", lambda *a, **k: calls.append("chunked") or real_chunked(*a, **k))
+    real_ce, real_stats = lce_function.ChunkedCEFunction.apply, lce_function.ChunkedStatsFunction.apply
+    real_apply, real_fwd = lce_function.LinearTokenStatsFunction.apply, lce_kernels.lce_stats_fwd
+    monkeypatch.setattr(lce_function.ChunkedCEFunction, "apply",
+                        lambda *a, **k: calls.append("chunked") or real_ce(*a, **k))
+    monkeypatch.setattr(lce_function.ChunkedStatsFunction, "apply",
+                        lambda *a, **k: calls.append("chunked-stats") or real_stats(*a, **k))
     monkeypatch.setattr(lce_function.LinearTokenStatsFunction, "apply",
                         lambda *a, **k: calls.append("fused") or real_apply(*a, **k))
     monkeypatch.setattr(lce_kernels, "lce_stats_fwd", lambda *a, **k: calls.append("fwd") or real_fwd(*a, **k))
     hg = h.clone().requires_grad_()
 
-    def run(*, expect, **kw):
+    def run(*, expect, impl="triton", **kw):
         calls.clear()
-        linear_cross_entropy(hg if kw.pop("grad", True) else h, W, y, impl="triton", **kw)
+        linear_cross_entropy(hg if kw.pop("grad", True) else h, W, y, impl=impl, **kw)
         assert calls[0] == expect, (kw, calls)
 
+    flops = 2 * 9 * 16 * 31
+    monkeypatch.setattr(lce_api, "FUSED_MAX_FLOPS", flops - 1)  # this call is above the rule's threshold
     run(expect="chunked")
     run(expect="chunked", reduction="sum")
-    run(expect="fused", token_weight=w)
-    run(expect="fused", return_lse=True)
-    run(expect="fused", reduction="none")
-    run(expect="chunked", token_weight=w, strategy="chunked")
+    run(expect="chunked", token_weight=w)
+    run(expect="chunked", token_weight=w, normalizer=torch.tensor(4.0))
+    run(expect="chunked-stats", return_lse=True)
+    run(expect="chunked-stats", reduction="none", token_weight=w)
     run(expect="fused", strategy="fused")
+    rows = torch.nonzero((y != -100) & (w != 0)).reshape(-1)
+    assert 0 < rows.numel() < 9
+    run(expect="fused", token_weight=w, active_rows=rows)  # a handed-over count below the threshold -> fused
+    run(expect="chunked", impl="auto")
+    run(expect="chunked-stats", impl="auto", reduction="none")
+    monkeypatch.setattr(lce_api, "FUSED_MAX_FLOPS", flops)
+    run(expect="fused", token_weight=w)
+    run(expect="chunked", token_weight=w, strategy="chunked")
     run(expect="fwd", grad=False)  # nothing requires grad: a forward-only pass, no autograd Function
     assert calls == ["fwd"]
     with torch.no_grad():
@@ -246,14 +271,6 @@ def test_chunked_small_workspace_many_chunks(dtype, small_chunks, poison_empty):
     h, W, b, y, _ = _inputs((45,), 64, 20, dtype, bias=True, seed=11)
     y = y.to(torch.int32)
     _check_against_oracle(h, W, b, y, dtype, strategy="chunked", label_smoothing=0.2, softcap=4.0, z_loss=1e-3)
-
-
-def test_chunked_rejects_reduction_none():
-    h, W, _, y, _ = _inputs((5,), 11, 8, torch.float32)
-    if not lce_kernels.interpreting():
-        pytest.skip("needs the Triton interpreter on CPU")
-    with pytest.raises(ValueError, match="strategy='chunked'"):
-        linear_cross_entropy(h.requires_grad_(), W, y, reduction="none", impl="triton", strategy="chunked")
 
 
 @pytest.mark.triton

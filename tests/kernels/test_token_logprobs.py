@@ -69,10 +69,12 @@ def test_triton_token_logprobs_all_outputs_and_grads(shape, V, D, inp, kw, dtype
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_token_logprobs_chunked_backward(dtype, monkeypatch, poison_empty):
     """The cuBLAS-chunk backward (T3S_FUSED_BACKWARD=chunked), several chunks, softcap + bias + ignored rows."""
-    from t3s_kernels.linear_ce import kernels as lce_kernels
+    from t3s_kernels.linear_ce import chunked
 
+    real_plan = chunked.plan_chunks
     monkeypatch.setenv("T3S_FUSED_BACKWARD", "chunked")
-    monkeypatch.setattr(lce_kernels, "_chunk_rows", lambda N, V, per, cb: min(N, 6))
+    monkeypatch.setattr(chunked, "plan_chunks",
+                        lambda *a, **k: real_plan(*a, **k)._replace(rows=6, stats_rows=3))
     h, W, b, y = _inputs((2, 11), 75, 28, dtype, bias=True, seed=8)
     _check(h, W, b, y, dtype, softcap=4.0, temperature=0.9)
 

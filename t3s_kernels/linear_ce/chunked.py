@@ -1,0 +1,486 @@
+"""The GEMM-bound chunked path: one device-agnostic implementation of every training reduction.
+
+Per chunk of *active* rows (ignored and zero-weight rows are compacted away first, so they cost no GEMM work and
+their hidden states are never read), the logits are a torch matmul (cuBLAS on CUDA, the CPU BLAS on CPU), the
+row statistics and ``dlogits`` come from a row routine (a Triton kernel on CUDA / under the interpreter, torch
+ops on CPU), and ``dh = dx·W``, ``dW += dxᵀ·h``, ``db += Σ dx`` are torch matmuls again.
+
+Two sweeps share the loop:
+
+* **gradient in the forward** (``reduction="mean" | "sum"``, the upstream gradient is a known per-token coefficient
+  times one scalar): 2·n·D·V logits + 2·n·D·V ``dh`` + 2·n·D·V ``dW`` = **6·n·D·V** GEMM FLOPs (``n`` = active
+  rows); the backward scales the stored gradients in place by ``grad_output``.
+* **statistics forward + recompute backward** (``reduction="none"``, a differentiable ``lse`` / ``token_logprobs``):
+  the forward stores per-token fp32 ``lse`` (and entropy) only, O(N); the backward recomputes the logits in the
+  same chunks: 2·n·D·V + 6·n·D·V = **8·n·D·V**.
+
+Chunk structure (``_Plan``): a *super-chunk* of ``rows`` rows of ``dlogits`` in the compute dtype (bf16 / fp16 on
+CUDA, fp32 on CPU) is the operand of the two gradient GEMMs, so ``dh`` has M = ``rows`` and ``dW`` has K = ``rows``
+(≥ 1024 at LLM shapes with the default budget); it is filled by *statistics sub-chunks* of ``stats_rows`` rows of
+fp32 logits. When the compute dtype is fp32 the logits GEMM writes straight into the super-chunk (M = ``rows``)
+and the sub-chunks are views of it. Every buffer is allocated once per call and reused (``out=`` / in-place ops):
+resident memory is bounded by construction, whatever the allocator does.
+
+Workspace budget: ``workspace_bytes`` (keyword of the public functions; default ``DEFAULT_WORKSPACE_BYTES`` per
+device type, env ``T3S_WORKSPACE_BYTES`` overrides) bounds the super-chunk, the statistics sub-chunk and the scratch
+rows together. At N = 32768, D = 4096, V = 151936 bf16 on CUDA (768 MiB, Triton rows): 1323-row bf16 super-chunk
+(402 MB) + 441-row fp32 sub-chunk (268 MB) + gathered ``h`` / ``dh`` rows (22 MB) = 692 MB, whatever N. On CPU
+(256 MiB, fp32): a 414-row super-chunk the logits GEMM fills directly + one 27-row fp32 scratch block (two with
+softcap).
+
+Weight-gradient accumulation (``weight_grad_accumulation``): the N-outer loop needs a ``[V, D]`` accumulator across
+super-chunks.
+
+* ``"fp32"`` (default, exact): when ``weight`` is fp32 the accumulator *is* the gradient output (no workspace);
+  for half weights it is an fp32 ``[V, D]`` buffer, converted at the end: **V·D·4 bytes of extra workspace**
+  (2.49 GB at V = 151936, D = 4096), above the 1 GB budget — pass fp32 master weights or opt in below.
+* ``"weight_dtype"`` (opt-in, approximate): accumulate straight into the half-precision gradient output (each GEMM
+  still accumulates its ``rows`` rows in fp32 inside cuBLAS, the sum over super-chunks is rounded to the weight
+  dtype once per super-chunk): no extra workspace.
+
+Active rows: the caller may hand the row index over (``active_rows``); otherwise it is ``nonzero(active)``, one
+host read of the count on CUDA (free on CPU). Rows outside the index contribute exactly nothing (exact zeros in
+``dh``, no NaN / Inf from their hidden states can reach ``dW``).
+
+Numerics: fp32 statistics; the per-token loss is formed relative to the row max,
+``nll = log Σ exp(z − m) − (z_y − m)``, never as the difference of two absolute fp32 values; ``Σ z`` for label
+smoothing and the entropy accumulator are kept relative to the max too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "ChunkedOptions",
+    "RowGrads",
+    "Stats",
+    "active_row_index",
+    "plan_chunks",
+    "recompute_backward",
+    "stats_and_grads",
+]
+
+MiB = 2**20
+DEFAULT_WORKSPACE_BYTES = {"cuda": 768 * MiB, "cpu": 256 * MiB}
+# CPU torch row routine: fp32 scratch blocks of this many bytes (rows of the super-chunk per row-op call; measured:
+# 16 MiB beat 4 MiB by 1.7x on 2 cores, fewer calls outweigh the L2 misses)
+_CPU_SCRATCH_BYTES = 16 * MiB
+WEIGHT_GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
+
+
+@dataclass(frozen=True)
+class ChunkedOptions:
+    """Options of the chunked path (``row_impl``: ``"triton"`` row kernel or ``"torch"`` row ops)."""
+
+    softcap: float | None = None
+    temperature: float = 1.0
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    want_smooth: bool = False
+    want_entropy: bool = False
+    workspace_bytes: int | None = None
+    weight_grad_accumulation: str = "fp32"
+    row_impl: str = "torch"
+
+
+class Stats(NamedTuple):
+    """Per-token fp32 statistics of the active rows (compact, in active-row order)."""
+
+    lse: torch.Tensor  # log Σ exp z
+    nll: torch.Tensor  # lse − z_y, formed relative to the row max
+    smooth: torch.Tensor | None  # lse − Σ z / V
+    entropy: torch.Tensor | None  # −Σ p log p
+
+
+class RowGrads(NamedTuple):
+    """Per-row coefficients of ``dz = (g_lse + 2·g_lse2·lse)·p + g_tgt·[v = y] + g_sumz − g_ent·p·(z − Σpz)``
+    (compact fp32 ``[n]`` or ``None`` for 0)."""
+
+    g_lse: torch.Tensor
+    g_tgt: torch.Tensor
+    g_sumz: torch.Tensor | None = None
+    g_ent: torch.Tensor | None = None
+    g_lse2: torch.Tensor | None = None
+
+    def take(self, sl) -> "RowGrads":
+        return RowGrads(*(None if g is None else g[sl] for g in self))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# active rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def active_row_index(active: torch.Tensor, active_rows: torch.Tensor | None) -> torch.Tensor | None:
+    """The compact index of the active rows, or ``None`` when every row is active (no gather needed).
+
+    ``active``: bool ``[N]``. ``active_rows``: the caller's int64 index of exactly those rows (any order, no
+    duplicates); checked eagerly on CPU (``ValueError``), device-side on CUDA (no sync). Without it,
+    ``nonzero(active)`` reads the count back to the host (one sync on CUDA).
+    """
+    N = active.numel()
+    if active_rows is None:
+        idx = torch.nonzero(active).reshape(-1)
+    else:
+        idx = active_rows.reshape(-1)
+        hits = torch.zeros(N, dtype=torch.int32, device=active.device)
+        if idx.numel():
+            hits.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+        ok = (hits == active.to(torch.int32)).all()
+        if active.device.type == "cuda" and os.environ.get("T3S_CHECK_INPUTS", "0") != "1":
+            torch._assert_async(ok, "active_rows must list exactly the scored rows (target != ignore_index, "
+                                "weight != 0)")
+        elif not bool(ok):
+            raise ValueError(
+                "active_rows must list each scored row (target != ignore_index and token_weight != 0) exactly once; "
+                f"got {idx.numel()} indices for {int(active.sum())} scored rows"
+            )
+    return None if idx.numel() == N else idx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunk plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _budget(device: torch.device, workspace_bytes: int | None) -> int:
+    if workspace_bytes is not None:
+        return int(workspace_bytes)
+    env = os.environ.get("T3S_WORKSPACE_BYTES")
+    if env:
+        return int(env)
+    return DEFAULT_WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES["cuda"])
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """dtype of ``dlogits`` and of the gradient GEMMs: the input dtype on CUDA; fp32 on CPU (CPU BLAS has no
+    half x half -> fp32 GEMM, so half inputs are upcast: ``weight`` once per call, ``hidden`` per chunk)."""
+    return hidden.dtype if hidden.device.type == "cuda" else torch.float32
+
+
+class ChunkPlan(NamedTuple):
+    rows: int  # super-chunk rows (operand of the dh / dW GEMMs)
+    stats_rows: int  # fp32 statistics sub-chunk rows
+    direct: bool  # logits GEMM writes straight into the super-chunk (compute dtype fp32)
+    scratch: int  # fp32 scratch blocks of [stats_rows, V] for the torch row routine
+    compute_dtype: torch.dtype
+    bytes: int  # workspace of the plan (buffers below; the fp32 dW accumulator is counted separately)
+
+
+def plan_chunks(n: int, V: int, D: int, hidden: torch.Tensor, opts: ChunkedOptions, *, with_dx: bool,
+                gather: bool, extra_scratch: bool = False) -> ChunkPlan:
+    """Rows per super-chunk / statistics sub-chunk for ``n`` active rows within the workspace budget."""
+    budget = _budget(hidden.device, opts.workspace_bytes)
+    cdt = _compute_dtype(hidden)
+    csz = torch.finfo(cdt).bits // 8
+    direct = cdt == torch.float32
+    torch_rows = opts.row_impl == "torch"
+    n_scr = (1 + int(extra_scratch)) if torch_rows else 0
+    per_row_small = (2 * D * csz) if gather else 0  # gathered h rows + dh rows
+    n = max(1, n)
+    if direct:
+        # super-chunk [rows, V] fp32 = the logits; the torch routine adds cache-sized fp32 scratch rows
+        stats_rows = max(1, min(n, _CPU_SCRATCH_BYTES // (V * 4))) if torch_rows else 0
+        scratch_bytes = n_scr * stats_rows * V * 4
+        rows = max(1, (budget - scratch_bytes) // (V * 4 + per_row_small))
+        rows = min(n, rows)
+        if not torch_rows:
+            stats_rows = rows  # the row kernel takes the whole super-chunk in one launch
+        stats_rows = min(stats_rows, rows)
+        total = rows * (V * 4 + per_row_small) + n_scr * stats_rows * V * 4
+        return ChunkPlan(rows, stats_rows, True, n_scr, cdt, total)
+    # fp32 statistics sub-chunk (+ scratch) gets a third of the budget, the half super-chunk the rest
+    stats_per_row = V * 4 * (1 + n_scr)
+    stats_rows = max(1, min(n, (budget // 3 if with_dx else budget) // stats_per_row))
+    if with_dx:
+        rows = max(1, (budget - stats_rows * stats_per_row) // (V * csz + per_row_small))
+        rows = max(stats_rows, (rows // stats_rows) * stats_rows)  # whole sub-chunks per super-chunk
+        rows = min(n, rows)
+    else:
+        rows = stats_rows
+    stats_rows = min(stats_rows, rows)
+    total = stats_rows * stats_per_row + (rows * (V * csz + per_row_small) if with_dx else 0)
+    return ChunkPlan(rows, stats_rows, False, n_scr, cdt, total)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# row routines: statistics and dlogits of a block of fp32 raw logits
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rows_torch(z, scratch, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_in, ent_in,
+                g: RowGrads | None, dx_out):
+    """Torch row routine on ``z`` (fp32 ``[k, V]`` raw logits, overwritten; ``scratch``: fp32 blocks of its shape).
+
+    One fused ``log_softmax`` gives ``log p = (z − m) − log Σe^{z−m}``, relative to the row max by construction,
+    so ``nll = −log p_y`` and ``smooth = −Σ log p / V`` never cancel; ``p = exp(log p)``, then
+    ``dx = [c_lse·p + c_tgt·[v = y] + c_sumz − c_ent·p·(log p + H)] / T · (1 − tanh²)``. The statistics are
+    recomputed (not read from ``lse_in`` / ``ent_in``) so ``p`` is self-consistent with this chunk's logits.
+    Returns :class:`Stats` when ``stats``; writes ``dx_out`` when ``g`` is given.
+    """
+    softcap, temp = opts.softcap, float(opts.temperature)
+    logp = scratch[0]
+    if bias is not None:
+        z.add_(bias)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap / temp)
+    elif temp != 1.0:
+        z.mul_(1.0 / temp)
+    torch._log_softmax(z, 1, False, out=logp)
+    yi = y.reshape(-1, 1)
+    want_h = (stats and opts.want_entropy) or (g is not None and g.g_ent is not None)
+    need_lse = stats or (g is not None and g.g_lse2 is not None)
+    nll = -logp.gather(1, yi).reshape(-1) if (stats or need_lse) else None
+    lse = z.gather(1, yi).reshape(-1) + nll if need_lse else None
+    # p goes to a buffer that may be overwritten: z itself unless its values are still needed (softcap derivative)
+    p = scratch[1] if softcap is not None and g is not None else z
+    if g is not None or want_h:
+        torch.exp(logp, out=p)
+    ent = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1).clamp_max(0) if want_h else None
+    out = None
+    if stats:
+        smooth = -logp.sum(1) / V if opts.want_smooth else None
+        out = Stats(lse, nll.clamp_min(0), smooth, ent if opts.want_entropy else None)
+    if g is None:
+        return out
+    inv_t = 1.0 / temp  # dz / temperature: folded into the per-row coefficients
+    c_lse = g.g_lse if g.g_lse2 is None else g.g_lse + 2.0 * g.g_lse2 * lse
+    c_lse = c_lse * inv_t
+    if g.g_ent is not None:  # z − Σ p z = log p + H
+        logp.add_(ent[:, None]).mul_((-g.g_ent * inv_t)[:, None]).add_(c_lse[:, None])
+        p.mul_(logp)
+    else:
+        p.mul_(c_lse[:, None])
+    p.scatter_add_(1, yi, (g.g_tgt * inv_t).reshape(-1, 1))
+    if g.g_sumz is not None:
+        p.add_((g.g_sumz * inv_t)[:, None])
+    if softcap is not None:  # · (1 − tanh²), tanh = z·T / softcap
+        z.mul_(temp / softcap).square_().neg_().add_(1.0).mul_(p)
+        p = z
+    if p.data_ptr() != dx_out.data_ptr():
+        dx_out.copy_(p)
+    return out
+
+
+def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_in, ent_in, g: RowGrads | None,
+                 dx_out):
+    from . import kernels as K
+
+    k = z.shape[0]
+    f32 = dict(dtype=torch.float32, device=z.device)
+    want_ent = opts.want_entropy or (g is not None and g.g_ent is not None)
+    if stats:
+        lse, nll = torch.empty(k, **f32), torch.empty(k, **f32)
+        smooth = torch.empty(k, **f32) if opts.want_smooth else None
+        ent = torch.empty(k, **f32) if want_ent else None
+    else:
+        lse, nll, smooth, ent = lse_in, None, None, ent_in
+    K.lce_chunk_rows(
+        z, dx_out, bias, y, lse, ent, nll, smooth, g, softcap=opts.softcap, temperature=opts.temperature,
+        compute_stats=stats, want_smooth=opts.want_smooth, want_entropy=want_ent,
+    )
+    if not stats:
+        return None
+    return Stats(lse, nll, smooth, ent if opts.want_entropy else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sweep
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 accumulation (``acc`` fp32 or, opted in, the weight dtype)."""
+    if a.dtype == acc.dtype:  # addmm.out (not addmm_): FlopCounterMode traces it
+        torch.addmm(acc, a, b, out=acc)
+    else:  # CUDA half operands into an fp32 accumulator, no upcast copy (torch >= 2.8)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+def _logits_fp32(out: torch.Tensor, h_c: torch.Tensor, w_c: torch.Tensor) -> None:
+    if h_c.dtype == torch.float32:
+        torch.mm(h_c, w_c.t(), out=out)
+    else:  # CUDA half operands, fp32 logits without an upcast copy
+        torch.mm(h_c, w_c.t(), out_dtype=torch.float32, out=out)
+
+
+def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, grads: RowGrads | None,
+           lse_in=None, ent_in=None, need_dh=False, need_dw=False, need_db=False):
+    """One pass over the active rows (``idx``: compact index or ``None`` = all rows). ``stats``: compute the row
+    statistics (else ``lse_in`` / ``ent_in``, compact, replace them); ``grads``: compact per-row coefficients of
+    ``dlogits`` (``g_lse2`` uses the row's own LSE). Returns ``(Stats | None, dh, dw, db)``."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    n = N if idx is None else idx.numel()
+    with_dx = grads is not None
+    plan = plan_chunks(n, V, D, hidden, opts, with_dx=with_dx, gather=idx is not None,
+                       extra_scratch=with_dx and opts.softcap is not None)
+    cdt = plan.compute_dtype
+    f32 = dict(dtype=torch.float32, device=dev)
+
+    dh = None
+    if need_dh:
+        dh = (torch.zeros if idx is not None else torch.empty)(N, D, dtype=hidden.dtype, device=dev)
+    dw_acc = db_acc = None
+    if need_dw:
+        acc_dtype = weight.dtype if opts.weight_grad_accumulation == "weight_dtype" else torch.float32
+        dw_acc = torch.zeros(V, D, dtype=acc_dtype, device=dev)
+    if need_db:
+        db_acc = torch.zeros(V, **f32)
+    st = None
+    if stats:
+        st = [torch.empty(n, **f32), torch.empty(n, **f32),
+              torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None]
+    if n == 0:
+        return _finish(st, dh, dw_acc, db_acc, weight, bias)
+
+    # workspace, allocated once and reused by every chunk
+    w_c = weight if weight.dtype == cdt else weight.to(cdt)  # CPU half inputs only: one fp32 copy of W
+    b32 = bias.float() if bias is not None else None
+    rows, srows = plan.rows, plan.stats_rows
+    big = torch.empty(rows, V, dtype=cdt, device=dev) if (with_dx or plan.direct) else None
+    zbuf = None if plan.direct else torch.empty(srows, V, **f32)
+    scratch = [torch.empty(srows, V, **f32) for _ in range(plan.scratch)]
+    hbuf = torch.empty(rows, D, dtype=hidden.dtype, device=dev) if idx is not None else None
+    hcbuf = torch.empty(rows, D, dtype=cdt, device=dev) if hidden.dtype != cdt else None
+    dh_direct = idx is None and cdt == hidden.dtype
+    dhbuf = torch.empty(rows, D, dtype=cdt, device=dev) if need_dh and not dh_direct else None
+
+    for s0 in range(0, n, rows):
+        s1 = min(n, s0 + rows)
+        k = s1 - s0
+        if idx is not None:
+            r_idx = idx[s0:s1]
+            h_c = torch.index_select(hidden, 0, r_idx, out=hbuf[:k])
+            y_c = y.index_select(0, r_idx)
+        else:
+            h_c, y_c = hidden[s0:s1], y[s0:s1]
+        if hcbuf is not None:
+            h_c = hcbuf[:k].copy_(h_c)
+        dx_big = big[:k] if big is not None else None
+        if plan.direct:  # fp32 compute: the logits GEMM fills the super-chunk, M = rows
+            _logits_fp32(dx_big, h_c, w_c)
+        for j0 in range(0, k, srows):
+            j1 = min(k, j0 + srows)
+            sl = slice(s0 + j0, s0 + j1)
+            if plan.direct:
+                z = dx_big[j0:j1]
+            else:
+                z = zbuf[: j1 - j0]
+                _logits_fp32(z, h_c[j0:j1], w_c)
+            s_out = _rows(
+                z, scratch, y_c[j0:j1], b32, opts, V, stats=stats,
+                lse_in=lse_in[sl] if lse_in is not None else None, ent_in=ent_in[sl] if ent_in is not None else None,
+                g=grads.take(sl) if with_dx else None, dx_out=dx_big[j0:j1] if with_dx else None,
+            )
+            if stats:
+                for buf, val in zip(st, s_out):
+                    if buf is not None:
+                        buf[sl].copy_(val)
+        if not with_dx:
+            continue
+        if need_dh:
+            if dh_direct:
+                torch.mm(dx_big, w_c, out=dh[s0:s1])
+            else:
+                torch.mm(dx_big, w_c, out=dhbuf[:k])
+                if idx is not None:
+                    dh.index_copy_(0, r_idx, dhbuf[:k] if dhbuf.dtype == dh.dtype else dhbuf[:k].to(dh.dtype))
+                else:
+                    dh[s0:s1].copy_(dhbuf[:k])
+        if need_dw:
+            _addmm_fp32(dw_acc, dx_big.t(), h_c)
+        if need_db:
+            db_acc += dx_big.sum(0, dtype=torch.float32)
+    return _finish(st, dh, dw_acc, db_acc, weight, bias)
+
+
+def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out):
+    if opts.row_impl == "triton":
+        return _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out)
+    k = z.shape[0]  # views of the scratch rows: an out= of the wrong shape would be resized (reallocated)
+    return _rows_torch(z, [t[:k] for t in scratch], y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in,
+                       g=g, dx_out=dx_out)
+
+
+def _finish(st, dh, dw_acc, db_acc, weight, bias):
+    stats = Stats(*st) if st is not None else None
+    dw = None
+    if dw_acc is not None:
+        dw = dw_acc if dw_acc.dtype == weight.dtype else dw_acc.to(weight.dtype)
+    db = None
+    if db_acc is not None:
+        db = db_acc if db_acc.dtype == bias.dtype else db_acc.to(bias.dtype)
+    return stats, dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gather(t: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.detach().float()
+    return t if idx is None else t.index_select(0, idx)
+
+
+def scatter_rows(compact: torch.Tensor, idx: torch.Tensor | None, N: int) -> torch.Tensor:
+    """``[n]`` values of the active rows -> ``[N]`` with exact zeros elsewhere."""
+    if idx is None:
+        return compact
+    out = torch.zeros(N, dtype=compact.dtype, device=compact.device)
+    return out.index_copy_(0, idx, compact)
+
+
+def stats_only(hidden, weight, bias, y, idx, opts: ChunkedOptions) -> Stats:
+    """Forward statistics of the active rows (compact); one logits GEMM pass, 2·n·D·V FLOPs, nothing stored."""
+    st, _, _, _ = _sweep(hidden, weight, bias, y, idx, opts, stats=True, grads=None)
+    return st
+
+
+def stats_and_grads(hidden, weight, bias, y, idx, coef, opts: ChunkedOptions, *, need_dh, need_dw, need_db):
+    """Cross-entropy statistics and the gradients of ``Σ coefᵢ·lossᵢ`` (``coef`` ``[N]`` fp32), in one sweep:
+    ``loss = (1 − ε)·nll + ε·smooth + z_loss·lse²`` per active row. Returns ``(Stats, dh, dw, db)``."""
+    c = _gather(coef, idx)
+    eps, zl, V = float(opts.label_smoothing), float(opts.z_loss), weight.shape[0]
+    grads = RowGrads(
+        g_lse=c, g_tgt=-(1.0 - eps) * c, g_sumz=(-eps / V) * c if eps > 0 else None, g_ent=None,
+        g_lse2=zl * c if zl > 0 else None,
+    )
+    return _sweep(hidden, weight, bias, y, idx, opts, stats=True, grads=grads,
+                  need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+
+
+def recompute_backward(hidden, weight, bias, y, idx, lse, ent, g_nll, g_lse, g_smooth, g_ent, opts: ChunkedOptions,
+                       *, need_dh, need_dw, need_db):
+    """Backward of the per-token statistics ``(nll, lse, smooth, entropy)`` (``[N]`` upstream gradients, any may be
+    ``None``) from the stored ``lse`` / ``ent`` (``[N]``), recomputing the logits chunk by chunk: 8·n·D·V FLOPs in
+    total with the forward. Returns ``(dh, dw, db)``."""
+    V = weight.shape[0]
+    zero = None
+    parts = [_gather(g, idx) for g in (g_nll, g_lse, g_smooth, g_ent)]
+    gn, gl, gs, ge = parts
+    like = next(p for p in parts if p is not None)
+    zero = torch.zeros_like(like)
+    c_lse = zero
+    for p in (gn, gl, gs):
+        if p is not None:
+            c_lse = c_lse + p
+    grads = RowGrads(
+        g_lse=c_lse, g_tgt=-gn if gn is not None else zero, g_sumz=(-1.0 / V) * gs if gs is not None else None,
+        g_ent=ge,
+    )
+    _, dh, dw, db = _sweep(
+        hidden, weight, bias, y, idx, opts, stats=False, grads=grads, lse_in=_gather(lse, idx),
+        ent_in=_gather(ent, idx) if ge is not None else None, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+    )
+    return dh, dw, db
