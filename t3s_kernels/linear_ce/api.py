@@ -471,7 +471,6 @@ def linear_cross_entropy(
         backend == "triton" and needs_grad
         and not _use_fused(strategy, active_rows.numel() if active_rows is not None else N, D, V)
     ))
-    )
     if use_chunked:
         copts = ChunkedOptions(
             softcap=softcap, temperature=float(temperature), label_smoothing=eps, z_loss=zl, want_smooth=eps > 0,

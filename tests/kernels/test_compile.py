@@ -165,7 +165,7 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.t3s.lce_reduced.default,
         (h, w, bias, y, None, None, None, None, -100, "mean", 0.1, 0.0, None, 1.0, 0, "reference", "auto",
-         True, True, True),
+         None, None, "fp32", True, True, True),
     )
 
 
