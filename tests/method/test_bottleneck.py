@@ -56,5 +56,5 @@ def test_bad_curves(curve, match):
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="online, argmin or fixed"):
+    with pytest.raises(ValueError, match="argmin, online or fixed"):
         find_bottleneck(SHOCK, method="magic")

@@ -57,7 +57,10 @@ def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     assert set(res["loss_transfer"]["matrix_percent"]) == {"anchor_easy", "anchor_hard", "other_easy", "other_hard"}
     # T3S masks exactly the anchors, −T3S exactly the rest, the static baseline the same fraction as T3S.
     sel = res["selections"]
-    assert sel["t3s"]["num_selected"] + sel["neg_t3s"]["num_selected"] == sel["t3s"]["num_tokens"]
+    # End tokens stay trained under every AR rule (select.always_train_eos, the default).
+    assert sel["t3s"]["end_tokens"] > 0 and sel["t3s"]["end_selected"] == sel["neg_t3s"]["end_selected"] == 0
+    assert (sel["t3s"]["num_selected"] + sel["neg_t3s"]["num_selected"]
+            == sel["t3s"]["num_tokens"] - sel["t3s"]["end_tokens"])
     assert sel["static_low_conf"]["num_selected"] == sel["t3s"]["num_selected"]
     sft_rows = [json.loads(x) for x in (run / "variants" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("grad_cosine" in r and "dprob_anchor" in r for r in sft_rows)
@@ -132,7 +135,7 @@ def test_clear_errors_for_bad_data(root, tmp_path):
     nohead.write_text(json.dumps({"id": "a", "prompt": "1+1", "response": "2"}) + "\n")
     with pytest.raises(ValueError, match="answer"):
         run_pipeline(tiny_config(root, tmp_path / "run2", f"data.train={nohead}"), progress=False, log=lambda s: None)
-    with pytest.raises(ValueError, match="train.mode=ar"):
+    with pytest.raises(ValueError, match="model.selector"):
         run_pipeline(tiny_config(root, tmp_path / "run3", "train.mode=dllm"), progress=False, log=lambda s: None)
 
 
