@@ -56,12 +56,13 @@ def describe(bn: dict) -> str:
     if method == "fixed":
         return "fixed step (T3S-simple; the paper uses step 10), not searched"
     if bn.get("confirmed_at") is not None:
-        return f"online rule: lowest so far, confirmed at step {bn['confirmed_at']} (no lower value for `patience` evaluations)"
+        return (f"online rule: lowest so far, confirmed at step {bn['confirmed_at']} (no lower value for `patience` "
+                "evaluations)")
     return "online rule: lowest value seen, never confirmed (the run ended first)"
 
 
 def check_curve(rows: list[dict], *, max_truncated_fraction: float = 0.5, max_new_tokens: int | None = None,
-                min_step: int = 1, longest_response: int | None = None) -> None:
+                longest_response: int | None = None) -> None:
     """Raise :class:`CurveError` when an accuracy curve cannot locate θb.
 
     ``rows``: one dict per evaluation with ``step``, ``train_accuracy`` and optionally
@@ -80,10 +81,9 @@ def check_curve(rows: list[dict], *, max_truncated_fraction: float = 0.5, max_ne
                 f"on average {100 * sum(vals) / len(vals):.0f}% of the training-accuracy completions {what} "
                 f"({budget}{longest}); the accuracy curve cannot see the answers, so θb would be arbitrary. Raise "
                 "accuracy.max_new_tokens (or leave it unset to derive it from the traces), use "
-                "generation.backend=vllm for long generations, check accuracy.verifier / the answer format, or "
-                "accept with accuracy.max_truncated_fraction=1.0")
-    accs = [float(r["train_accuracy"]) for r in rows if int(r["step"]) >= min_step] or [
-        float(r["train_accuracy"]) for r in rows]
+                "generation.backend=vllm for long generations, check accuracy.verifier / the answer format (or "
+                "bottleneck.on_bad_curve=warn to take θb anyway, recorded as unreliable)")
+    accs = [float(r["train_accuracy"]) for r in rows]  # θ0 included: Eq. 1 ranges over θ(0), θ(1), ...
     if len(accs) > 1 and max(accs) == min(accs):
         value = accs[0]
         why = ("the student never produces a correct answer: check max_new_tokens against the trace lengths, the "
@@ -94,7 +94,7 @@ def check_curve(rows: list[dict], *, max_truncated_fraction: float = 0.5, max_ne
         raise CurveError(
             f"training accuracy is {value:.3f} at every one of the {len(accs)} evaluated steps: a flat curve has no "
             f"minimum, so θb would be an arbitrary tie; {why}. To proceed without a curve use "
-            "bottleneck.method=fixed (T3S-simple, step 10)")
+            "bottleneck.method=fixed (T3S-simple, step 10), or bottleneck.on_bad_curve=warn to take the tie anyway")
 
 
 def argmin_bottleneck(curve: dict[int, float], *, min_step: int = 1) -> Bottleneck:

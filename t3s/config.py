@@ -192,6 +192,10 @@ class BottleneckConfig:
     (``argmin`` always runs the whole trajectory; its final checkpoint is RRT's θf.)"""
     min_step: int = 1
     """Never pick a checkpoint before this step (step 0 is θ0 itself)."""
+    on_bad_curve: str = "error"
+    """A curve that cannot locate θb (flat, or measured on mostly truncated / answerless completions): ``error``
+    (stop with what to change) or ``warn`` (take θb anyway; the problem is recorded in bottleneck.json and shown
+    at the top of the report)."""
 
 
 @dataclass
@@ -295,6 +299,7 @@ _CHOICES = {
     "train.mode": ("ar", "dllm"),
     "bottleneck.method": ("argmin", "online", "fixed"),
     "generation.backend": ("hf", "vllm"),
+    "bottleneck.on_bad_curve": ("error", "warn"),
     "distributed.strategy": ("fsdp2", "ddp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }

@@ -229,10 +229,24 @@ class Pipeline:
                 row = {"step": 0, **metrics}
                 if a.verifier not in ("auto", "exact", "numeric", "math_verify"):
                     row.pop("train_no_answer_fraction", None)  # a custom verifier may read another format
-                check_curve([row], max_truncated_fraction=a.max_truncated_fraction,
-                            max_new_tokens=settings["max_new_tokens"]["max_new_tokens"],
-                            longest_response=settings["max_new_tokens"].get("longest_response"))
+                self._curve_problem(lambda: check_curve(
+                    [row], max_truncated_fraction=a.max_truncated_fraction,
+                    max_new_tokens=settings["max_new_tokens"]["max_new_tokens"],
+                    longest_response=settings["max_new_tokens"].get("longest_response")))
         return check
+
+    def _curve_problem(self, check: Callable[[], None]) -> str | None:
+        """Run a curve check; with ``bottleneck.on_bad_curve=warn`` log and return its message instead."""
+        from t3s.bottleneck import CurveError
+
+        try:
+            check()
+        except CurveError as e:
+            if self.cfg.bottleneck.on_bad_curve == "error":
+                raise
+            self.log(f"[t3s] WARNING (bottleneck.on_bad_curve=warn): {e}")
+            return str(e)
+        return None
 
     def accuracy_hook(self, *, use_curve: bool):
         """Training accuracy on a fixed subset of training prompts (or the precomputed curve)."""
@@ -432,14 +446,15 @@ class Pipeline:
         summary = read_json(traj / "summary.json")
         settings = read_json(traj / "evaluation.json") if (traj / "evaluation.json").exists() else {}
         rows = [r for r in read_metrics(traj / "metrics.jsonl") if "train_accuracy" in r]
-        b = cfg.bottleneck
+        b, problem = cfg.bottleneck, None
         if b.method != "fixed":
             a = cfg.accuracy
             if a.verifier not in ("auto", "exact", "numeric", "math_verify"):
                 rows = [{k: v for k, v in r.items() if k != "train_no_answer_fraction"} for r in rows]
             mnt = settings.get("max_new_tokens", {})
-            check_curve(rows, max_truncated_fraction=a.max_truncated_fraction, min_step=b.min_step,
-                        max_new_tokens=mnt.get("max_new_tokens"), longest_response=mnt.get("longest_response"))
+            problem = self._curve_problem(lambda: check_curve(
+                rows, max_truncated_fraction=a.max_truncated_fraction,
+                max_new_tokens=mnt.get("max_new_tokens"), longest_response=mnt.get("longest_response")))
         if self.offline_accuracy:
             curve = {int(r["step"]): float(r["train_accuracy"]) for r in rows}
             bn = find_bottleneck(curve, method=b.method, step=b.step, patience=b.patience, min_delta=b.min_delta,
@@ -456,6 +471,7 @@ class Pipeline:
             raise RuntimeError("the SFT trajectory left no bottleneck checkpoint in trajectory/bottleneck")
         info = {**bn, "description": describe(bn), "trajectory_steps": summary["steps_run"],
                 "stopped_early": summary["stopped_early"], "evaluated_steps": [int(r["step"]) for r in rows],
+                "curve_problem": problem,
                 "generation": {k: settings.get(k) for k in ("backend", "sampling", "max_new_tokens", "num_prompts")}}
         if D.is_main():
             write_json_atomic(self.run_dir / "bottleneck.json", info)

@@ -89,14 +89,17 @@ def collect(run_dir: str | Path) -> dict:
 def share_warnings(data: dict, *, mode: str = "ar") -> list[str]:
     """Departures from the paper's regime worth a reader's attention (empty when none)."""
     warn = []
+    bn = data.get("bottleneck") or {}
+    if bn.get("curve_problem"):
+        warn.append(f"θb is unreliable (bottleneck.on_bad_curve=warn): {bn['curve_problem']}")
     sel = data["selections"]
     t3s = sel.get("t3s")
     if mode == "ar" and t3s:
         share = t3s.get("anchor_fraction", t3s["selected_fraction"])
         if not PAPER_ANCHOR_SHARE / 2 <= share <= 2 * PAPER_ANCHOR_SHARE:
-            warn.append(f"anchor share {100 * share:.1f}% of response tokens (Δc > {t3s.get('anchor_cut', 0):g}) is far "
-                        f"from the paper's ≈ {100 * PAPER_ANCHOR_SHARE:.0f}%: θb may be off (check the accuracy curve), or "
-                        "the student / data differ from the paper's regime")
+            warn.append(f"anchor share {100 * share:.1f}% of response tokens (Δc > {t3s.get('anchor_cut', 0):g}) is "
+                        f"far from the paper's ≈ {100 * PAPER_ANCHOR_SHARE:.0f}%: θb may be off (check the accuracy "
+                        "curve), or the student / data differ from the paper's regime")
     tg = sel.get("dllm_targets")
     if tg:
         share = tg["selected_fraction"]
@@ -106,8 +109,8 @@ def share_warnings(data: dict, *, mode: str = "ar") -> list[str]:
                         "consider adjusting select.tau")
     for rule, st in sel.items():
         if st.get("meaning") == "loss_weight" and st.get("end_tokens") and st.get("end_selected"):
-            warn.append(f"{rule}: {st['end_selected']}/{st['end_tokens']} end-of-sequence / end-of-turn tokens are masked "
-                        "(select.always_train_eos=false): a student that stops training on them may stop ending")
+            warn.append(f"{rule}: {st['end_selected']}/{st['end_tokens']} end-of-sequence / end-of-turn tokens are "
+                        "masked (select.always_train_eos=false): a student that stops training on them may stop ending")
     for name, e in data["eval"].items():
         if e.get("truncated_fraction", 0) > 0.5:
             warn.append(f"eval {name}: {100 * e['truncated_fraction']:.0f}% of completions hit max_new_tokens "
@@ -311,13 +314,14 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
         md += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     first = next(iter(data["eval"].values()), {})
     samp = first.get("sampling") or {"temperature": 0.0, "num_samples": 1}
-    how = "greedy" if samp["temperature"] == 0 else f"T={samp['temperature']:g}, {samp['num_samples']} samples per prompt"
+    how = ("greedy" if samp["temperature"] == 0
+           else f"T={samp['temperature']:g}, {samp['num_samples']} samples per prompt")
     if mode == "dllm":
         how += ", block-diffusion decoding"
     md += [f"## Results (held-out, {how})", "", table, ""]
     if mode == "dllm":
-        md += ["dLLM mode: the students are evaluated by block-diffusion decoding (`t3s.dllm.diffusion_generate`: block by "
-               "block, the most confident masked position first, in the training's [x_t ‖ x_0] layout); the "
+        md += ["dLLM mode: the students are evaluated by block-diffusion decoding (`t3s.dllm.diffusion_generate`: "
+               "block by block, the most confident masked position first, in the training's [x_t ‖ x_0] layout); the "
                f"trajectory, θb and Δc come from the AR selector `{cfg.model.selector}`.", ""]
     if bn:
         acc = bn["accuracy"] if bn["accuracy"] is None else format(bn["accuracy"], ".3f")
@@ -348,7 +352,8 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
         md += ["| selection | tokens selected | share | end tokens selected |", "|---|---|---|---|"]
         for rule, s in data["selections"].items():
             end = (f"{s['end_selected']}/{s['end_tokens']}" if s.get("end_tokens") else "–")
-            md.append(f"| {rule} | {s['num_selected']}/{s['num_tokens']} | {100 * s['selected_fraction']:.1f}% | {end} |")
+            share = f"{100 * s['selected_fraction']:.1f}%"
+            md.append(f"| {rule} | {s['num_selected']}/{s['num_tokens']} | {share} | {end} |")
         md += ["", "\"Selected\" is masked (weight 0) for AR rules and always-masked target for `dllm_targets`. End-of-"
                "sequence / end-of-turn tokens: the paper does not say how it treats them; by default "
                "(`select.always_train_eos`) every AR rule keeps them in the loss.", ""]

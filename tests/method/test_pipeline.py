@@ -39,7 +39,8 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean_run(root, tmp_path_factory):
     run = tmp_path_factory.mktemp("clean")
-    cfg = tiny_config(root, run, VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2")
+    cfg = tiny_config(root, run, VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2",
+                      "diagnostics.anchor_intervention=true")
     report = run_pipeline(cfg, progress=False, log=lambda s: None)
     return run, report
 
@@ -65,6 +66,22 @@ def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     sft_rows = [json.loads(x) for x in (run / "variants" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("grad_cosine" in r and "dprob_anchor" in r for r in sft_rows)
     assert all("paper" not in r or r["paper"] is None for r in res["rows"])  # no paper numbers: setting differs
+    # Fig. 5 intervention: recorded per checkpoint, and the weights it perturbs are restored exactly — the SFT
+    # variant (with the intervention) ends bit-identical to the trajectory run (same data, no intervention).
+    assert all(k in r for r in sft_rows if "grad_cosine" in r for k in (
+        "loss_anchor", "intervention_anchor_step_dloss_other", "intervention_other_step_dloss_anchor"))
+    assert (run / "report" / "intervention.png").stat().st_size > 1000
+    from safetensors.torch import load_file
+
+    traj = load_file(str(run / "trajectory" / "final" / "model.safetensors"))
+    sft = _weights(run, "sft")
+    assert all(torch.equal(traj[k], sft[k]) for k in sft)
+    # RRT takes θf from the trajectory run itself (argmin runs it to the end).
+    assert json.loads((run / ".stages" / "rrt.json").read_text())["theta_f"] == str(run / "trajectory" / "final")
+    text = report.read_text()
+    assert "argmin of training accuracy over the whole trajectory (paper Eq. 1)" in text
+    assert "confirmed at" not in text and "max_new_tokens 6" in text
+    assert "θb is unreliable" in text  # tiny_config takes θb from a flat / truncated curve with on_bad_curve=warn
 
 
 def test_resume_after_a_crash_skips_finished_stages_and_gives_identical_results(root, clean_run, tmp_path,
