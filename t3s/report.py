@@ -202,25 +202,33 @@ def plot_groups(data: dict, path: Path, bn_step: int | None) -> Path | None:
     return path
 
 
-def plot_grad_stats(data: dict, path: Path, bn_step: int | None) -> Path | None:
-    rows = data["variants"].get("sft", [])
-    x1, ratio = _series(rows, "grad_norm_ratio")
-    x2, cos = _series(rows, "grad_cosine")
-    if not x1:
-        return None
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.plot(x1, ratio, marker=".")
-    a1.set(xlabel="optimizer step", ylabel="‖g_anchor‖ / ‖g_other‖", title="Gradient-norm ratio (SFT run)")
-    a2.plot(x2, cos, marker=".", color="purple")
-    a2.axhline(0, color="grey", lw=0.5)
-    a2.set(xlabel="optimizer step", ylabel="cos(g_anchor, g_other)", title="Gradient cosine (SFT run)")
+def _pair(path: Path, bn_step: int | None, draw) -> Path:
+    """A two-panel figure of the SFT run with the bottleneck marked on both panels."""
+    fig, (a1, a2) = _plt().subplots(1, 2, figsize=(10, 3.6))
+    draw(a1, a2)
     for ax in (a1, a2):
         if bn_step is not None:
             ax.axvline(bn_step, color="red", ls=":", lw=1)
     fig.tight_layout()
     _save(fig, path)
     return path
+
+
+def plot_grad_stats(data: dict, path: Path, bn_step: int | None) -> Path | None:
+    rows = data["variants"].get("sft", [])
+    x1, ratio = _series(rows, "grad_norm_ratio")
+    x2, cos = _series(rows, "grad_cosine")
+    if not x1:
+        return None
+
+    def draw(a1, a2):
+        a1.plot(x1, ratio, marker=".")
+        a1.set(xlabel="optimizer step", ylabel="‖g_anchor‖ / ‖g_other‖", title="Gradient-norm ratio (SFT run)")
+        a2.plot(x2, cos, marker=".", color="purple")
+        a2.axhline(0, color="grey", lw=0.5)
+        a2.set(xlabel="optimizer step", ylabel="cos(g_anchor, g_other)", title="Gradient cosine (SFT run)")
+
+    return _pair(path, bn_step, draw)
 
 
 def plot_intervention(data: dict, path: Path, bn_step: int | None) -> Path | None:
@@ -229,23 +237,19 @@ def plot_intervention(data: dict, path: Path, bn_step: int | None) -> Path | Non
     x2, l_anchor = _series(rows, "loss_anchor")
     if not x1:
         return None
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.plot(x1, d_other, marker=".", label="anchor-only step → ΔL_other")
     x3, d_self = _series(rows, "intervention_other_step_dloss_other")
-    if x3:
-        a1.plot(x3, d_self, marker=".", ls="--", label="other-only step → ΔL_other")
-    a1.axhline(0, color="grey", lw=0.5)
-    a1.set(xlabel="checkpoint (optimizer step)", ylabel="Δ loss on other tokens", title="One-step intervention")
-    a1.legend(fontsize=7)
-    a2.plot(x2, l_anchor, marker=".", color="darkorange")
-    a2.set(xlabel="checkpoint (optimizer step)", ylabel="anchor-token loss", title="Anchor loss (SFT run)")
-    for ax in (a1, a2):
-        if bn_step is not None:
-            ax.axvline(bn_step, color="red", ls=":", lw=1)
-    fig.tight_layout()
-    _save(fig, path)
-    return path
+
+    def draw(a1, a2):
+        a1.plot(x1, d_other, marker=".", label="anchor-only step → ΔL_other")
+        if x3:
+            a1.plot(x3, d_self, marker=".", ls="--", label="other-only step → ΔL_other")
+        a1.axhline(0, color="grey", lw=0.5)
+        a1.set(xlabel="checkpoint (optimizer step)", ylabel="Δ loss on other tokens", title="One-step intervention")
+        a1.legend(fontsize=7)
+        a2.plot(x2, l_anchor, marker=".", color="darkorange")
+        a2.set(xlabel="checkpoint (optimizer step)", ylabel="anchor-token loss", title="Anchor loss (SFT run)")
+
+    return _pair(path, bn_step, draw)
 
 
 def results_table(data: dict, cfg: Config) -> tuple[list[dict], str]:
