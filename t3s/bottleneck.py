@@ -7,6 +7,13 @@ Three ways to pick it, all pure functions of an accuracy curve ``{step: accuracy
   is a value lower than the best so far by more than ``min_delta``; it is *confirmed* once ``patience``
   further evaluations bring no new minimum, and training may stop there.
 * :func:`fixed_bottleneck` — T3S-simple: a fixed step (the paper: 10).
+
+The default is ``argmin`` (Eq. 1). An early θb is costly: in the paper's selector sweep (Table 8) the true
+bottleneck gives 77.3 AIME24/25, two evaluations earlier 74.5 and at step 2 68.3 — so a plateau before the true
+minimum must not be taken for it, which the online rule can do when ``patience`` is short.
+
+:func:`check_curve` refuses a curve that cannot locate θb: flat (every evaluation the same accuracy, e.g. all 0
+because the answers lie beyond ``max_new_tokens``) or measured on mostly truncated / answerless completions.
 """
 
 from __future__ import annotations
@@ -35,6 +42,59 @@ def _check(curve: dict[int, float]) -> list[tuple[int, float]]:
         if not 0.0 <= a <= 1.0 or a != a:
             raise ValueError(f"accuracy at step {s} is {a}; expected a value in [0, 1]")
     return items
+
+
+class CurveError(ValueError):
+    """A training-accuracy curve that cannot locate the Imitation Bottleneck; the message says what to change."""
+
+
+def describe(bn: dict) -> str:
+    """How a bottleneck was chosen, in words (for logs and the report)."""
+    method = bn.get("method")
+    if method == "argmin":
+        return "argmin of training accuracy over the whole trajectory (paper Eq. 1)"
+    if method == "fixed":
+        return "fixed step (T3S-simple; the paper uses step 10), not searched"
+    if bn.get("confirmed_at") is not None:
+        return (f"online rule: lowest so far, confirmed at step {bn['confirmed_at']} (no lower value for `patience` "
+                "evaluations)")
+    return "online rule: lowest value seen, never confirmed (the run ended first)"
+
+
+def check_curve(rows: list[dict], *, max_truncated_fraction: float = 0.5, max_new_tokens: int | None = None,
+                longest_response: int | None = None) -> None:
+    """Raise :class:`CurveError` when an accuracy curve cannot locate θb.
+
+    ``rows``: one dict per evaluation with ``step``, ``train_accuracy`` and optionally
+    ``train_truncated_fraction`` / ``train_no_answer_fraction`` (as :meth:`AccuracyResult.metrics` writes them).
+    """
+    rows = [r for r in rows if "train_accuracy" in r]
+    if not rows:
+        raise CurveError("no training accuracy was measured on the trajectory; check accuracy.every")
+    budget = f"max_new_tokens={max_new_tokens}" if max_new_tokens is not None else "max_new_tokens"
+    longest = f" (the longest training response is {longest_response} tokens)" if longest_response else ""
+    for key, what in (("train_truncated_fraction", "hit the generation limit without an end token"),
+                      ("train_no_answer_fraction", "contain no extractable final answer")):
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        if vals and sum(vals) / len(vals) > max_truncated_fraction:
+            raise CurveError(
+                f"on average {100 * sum(vals) / len(vals):.0f}% of the training-accuracy completions {what} "
+                f"({budget}{longest}); the accuracy curve cannot see the answers, so θb would be arbitrary. Raise "
+                "accuracy.max_new_tokens (or leave it unset to derive it from the traces), use "
+                "generation.backend=vllm for long generations, check accuracy.verifier / the answer format (or "
+                "bottleneck.on_bad_curve=warn to take θb anyway, recorded as unreliable)")
+    accs = [float(r["train_accuracy"]) for r in rows]  # θ0 included: Eq. 1 ranges over θ(0), θ(1), ...
+    if len(accs) > 1 and max(accs) == min(accs):
+        value = accs[0]
+        why = ("the student never produces a correct answer: check max_new_tokens against the trace lengths, the "
+               "verifier and the gold answers" if value == 0.0 else
+               "every training prompt is already solved: no Imitation Shock is visible on this subset (use more or "
+               "harder accuracy prompts, accuracy.num_prompts)" if value == 1.0 else
+               "the evaluation set is too small to resolve a change (raise accuracy.num_prompts or num_samples)")
+        raise CurveError(
+            f"training accuracy is {value:.3f} at every one of the {len(accs)} evaluated steps: a flat curve has no "
+            f"minimum, so θb would be an arbitrary tie; {why}. To proceed without a curve use "
+            "bottleneck.method=fixed (T3S-simple, step 10), or bottleneck.on_bad_curve=warn to take the tie anyway")
 
 
 def argmin_bottleneck(curve: dict[int, float], *, min_step: int = 1) -> Bottleneck:
@@ -118,13 +178,13 @@ def detect_online(curve: dict[int, float], *, patience: int = 3, min_delta: floa
     return det.result()
 
 
-def find_bottleneck(curve: dict[int, float] | None, *, method: str = "online", step: int = 10,
+def find_bottleneck(curve: dict[int, float] | None, *, method: str = "argmin", step: int = 10,
                     patience: int = 3, min_delta: float = 0.0, min_step: int = 1) -> Bottleneck:
-    """Dispatch on ``method`` (``online`` / ``argmin`` / ``fixed``)."""
+    """Dispatch on ``method`` (``argmin`` (default, Eq. 1) / ``online`` / ``fixed``)."""
     if method == "fixed":
         return fixed_bottleneck(step, curve)
     if method == "argmin":
         return argmin_bottleneck(curve or {}, min_step=min_step)
     if method == "online":
         return detect_online(curve or {}, patience=patience, min_delta=min_delta, min_step=min_step)
-    raise ValueError(f"bottleneck method must be online, argmin or fixed, got {method!r}")
+    raise ValueError(f"bottleneck method must be argmin, online or fixed, got {method!r}")

@@ -27,6 +27,26 @@ VARIANTS = ("sft", "t3s", "neg_t3s", "static_high_conf", "static_low_conf", "ran
 """Trained / constructed variants the pipeline knows. ``base`` (θ0 itself) is always evaluated."""
 
 
+DLLM_VARIANTS = ("sft", "t3s")
+"""``train.mode=dllm``: block-diffusion SFT (random masks) and dLLM T3S (union mask with the targets)."""
+
+
+def check_dllm_pipeline(cfg: "Config") -> None:
+    """What ``t3s run`` needs in ``train.mode=dllm`` (``t3s train --mode dllm`` needs none of it)."""
+    if not cfg.model.selector:
+        raise ConfigError("train.mode=dllm: set model.selector to the AR selector model (a causal LM sharing the "
+                          "dLLM student's tokenizer); the SFT trajectory and Δc profiling run on it, as in the paper")
+    bad = [v for v in cfg.variants if v not in DLLM_VARIANTS]
+    if bad:
+        raise ConfigError(f"variants: train.mode=dllm trains {', '.join(DLLM_VARIANTS)} only, got {', '.join(bad)} "
+                          "(set variants=[sft,t3s])")
+
+
+def trajectory_stops_early(cfg: "Config") -> bool:
+    """Whether the SFT trajectory may end before ``train.steps`` (then it has no final checkpoint θf)."""
+    return cfg.bottleneck.stop_early and cfg.bottleneck.method in ("online", "fixed")
+
+
 class ConfigError(ValueError):
     """A bad config: unknown key, wrong type or inconsistent values."""
 
@@ -42,6 +62,12 @@ class ModelConfig:
     attn_implementation: str | None = None
     """Passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``); ``auto`` = flash_attention_2
     when flash-attn is installed on CUDA, else sdpa (``t3s.packing``); None = library default."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own Python code (needed by e.g. LLaDA-2.0); off by default, recorded in every
+    provenance file. Only enable it for checkpoints you trust."""
+    selector: str | None = None
+    """``train.mode=dllm``: local folder of the AR selector M0 (a causal LM sharing the dLLM student's tokenizer).
+    The SFT trajectory, θb and Δc profiling run on it, as in the paper; ``model.path`` is the dLLM student."""
 
 
 @dataclass
@@ -103,14 +129,45 @@ class TrainConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """The generation engine behind training accuracy and held-out evaluation."""
+
+    backend: str = "hf"
+    """``hf`` (Hugging Face loop; CPU or one GPU; training accuracy measured inside the training run) or
+    ``vllm`` (``pip install 't3s[vllm]'``, GPU: the trajectory saves a checkpoint at every evaluation step and a
+    ``trajectory_eval`` stage starts one engine per checkpoint; run that stage without torchrun)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs per engine."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM: share of each GPU's memory the engine may take."""
+    max_model_len: int | None = None
+    """vLLM: context length of the engine (None = the model's)."""
+    dtype: str = "auto"
+    """vLLM: weight dtype (``auto``, ``bfloat16``, ``float16``, ``float32``)."""
+    engine_kwargs: dict = field(default_factory=dict)
+    """vLLM: further ``vllm.LLM(...)`` arguments."""
+
+
+@dataclass
 class AccuracyConfig:
-    """Training accuracy: greedy generation on training prompts, answer checked against the gold answer."""
+    """Training accuracy: generation on training prompts, answer checked against the gold answer."""
 
     every: int = 1
     """Evaluate every k optimizer steps (and at step 0)."""
     num_prompts: int | None = 64
     """Subset of training prompts (fixed, seeded); None = all."""
-    max_new_tokens: int = 1024
+    max_new_tokens: int | None = None
+    """None = derived from the traces: the longest training response in tokens, capped by the model's context
+    minus the longest prompt (an answer after the cut is never seen). The value used is recorded."""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples (with ``top_p``), ``num_samples`` completions per prompt."""
+    top_p: float = 1.0
+    num_samples: int = 1
+    """Completions per prompt; the accuracy is their mean (needs temperature > 0 when > 1)."""
+    sampling_seed: int = 0
+    max_truncated_fraction: float = 0.5
+    """Fail (with what to change) when more than this share of the completions at θ0, or on average over the
+    trajectory, hit ``max_new_tokens`` or carry no extractable answer: such a curve cannot locate θb."""
     batch_size: int = 32
     verifier: str = "auto"
     """``auto`` (math-verify if installed, else exact/numeric), ``exact``, ``numeric``, or ``module:function``."""
@@ -122,17 +179,23 @@ class AccuracyConfig:
 
 @dataclass
 class BottleneckConfig:
-    method: str = "online"
-    """``online`` (new minimum, then ``patience`` evaluations without a lower one), ``argmin`` (whole
-    trajectory) or ``fixed`` (T3S-simple: ``step``)."""
+    method: str = "argmin"
+    """``argmin`` (the paper's Eq. 1: lowest training accuracy over the whole trajectory; ties: earliest),
+    ``online`` (new minimum, then ``patience`` evaluations without a lower one; may stop early) or ``fixed``
+    (T3S-simple: the checkpoint at ``step``, paper: 10)."""
     step: int = 10
     patience: int = 3
     min_delta: float = 0.0
     """A value counts as a new minimum only if it is lower by more than this."""
     stop_early: bool = True
-    """Stop the SFT trajectory once the online detector has confirmed the bottleneck."""
+    """``online``: stop the SFT trajectory once the bottleneck is confirmed; ``fixed``: stop at ``step``.
+    (``argmin`` always runs the whole trajectory; its final checkpoint is RRT's θf.)"""
     min_step: int = 1
     """Never pick a checkpoint before this step (step 0 is θ0 itself)."""
+    on_bad_curve: str = "error"
+    """A curve that cannot locate θb (flat, or measured on mostly truncated / answerless completions): ``error``
+    (stop with what to change) or ``warn`` (take θb anyway; the problem is recorded in bottleneck.json and shown
+    at the top of the report)."""
 
 
 @dataclass
@@ -141,10 +204,14 @@ class SelectConfig:
     """Anchor rule ``Δc > threshold`` (the paper: 0)."""
     quantile: float | None = None
     """Put the anchor cut at this quantile of Δc instead of at ``threshold`` (0.8 masks the top 20 %)."""
-    always_train_eos: bool = False
-    """Never mask end-of-sequence tokens (a refinement, off by default = the paper's rule)."""
+    always_train_eos: bool = True
+    """Never mask end-of-sequence / end-of-turn tokens (they stay in the loss whatever their Δc). The paper is
+    silent on them; with the plain Δc > 0 rule a student whose EOS confidence rose stops learning to stop. False
+    = the bare rule. Their masked share is in the selection stats and the report either way."""
+    end_token_ids: list[int] = field(default_factory=list)
+    """Extra end-of-turn ids (e.g. ``<|im_end|>``) beyond the tokenizer's / model's EOS."""
     tau: float = 0.2
-    """dLLM targets ``Δc < -tau``."""
+    """dLLM targets ``Δc < -tau`` (the paper: 0.2, about 5 % of tokens)."""
     seed: int = 0
     """Seed of the random-mask control."""
 
@@ -153,7 +220,13 @@ class SelectConfig:
 class EvalConfig:
     num_prompts: int | None = None
     """Held-out prompts to evaluate (None = all)."""
-    max_new_tokens: int = 1024
+    max_new_tokens: int | None = None
+    """None = derived like ``accuracy.max_new_tokens`` (longest training response, capped by the context)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    """Completions per prompt (the paper reports the mean of 16 sampled runs)."""
+    sampling_seed: int = 0
     batch_size: int = 32
     style_patterns: dict = field(default_factory=dict)
     """``{name: regex}``: the report shows the share of completions matching each (e.g. which teacher's
@@ -172,6 +245,11 @@ class DiagnosticsConfig:
     """Steps for each loss-transfer run (None = ``train.steps``)."""
     num_examples: int = 32
     """Training examples used for the per-checkpoint diagnostics."""
+    anchor_intervention: bool = False
+    """Paper Fig. 5: at every evaluation of the SFT run, one update on anchor tokens only (and one on the other
+    tokens only) from a copy of the current weights; records the loss change of each group."""
+    intervention_lr: float | None = None
+    """Step size of that update (a first Adam step, ``lr · sign(g)``); None = ``optim.lr``."""
 
 
 @dataclass
@@ -192,6 +270,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -199,7 +278,8 @@ class Config:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     dllm: dict = field(default_factory=dict)
-    """Options passed through to ``t3s.dllm.train_dllm`` when ``train.mode=dllm``."""
+    """Options of ``t3s.dllm.DLLMConfig`` when ``train.mode=dllm`` (``mask_token_id``, ``block_size``,
+    ``weight_mode`` (default ``uniform``: the paper's Eq. 10, an unweighted sum over the union mask), ...)."""
     demo: dict = field(default_factory=dict)
     """Options passed through to ``t3s.demo.prepare_demo`` by ``t3s demo``."""
     paper_reference: str | None = None
@@ -217,7 +297,9 @@ _CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "train.autocast": ("none", "bf16"),
     "train.mode": ("ar", "dllm"),
-    "bottleneck.method": ("online", "argmin", "fixed"),
+    "bottleneck.method": ("argmin", "online", "fixed"),
+    "generation.backend": ("hf", "vllm"),
+    "bottleneck.on_bad_curve": ("error", "warn"),
     "distributed.strategy": ("fsdp2", "ddp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
 }
@@ -424,14 +506,27 @@ def validate(cfg: Config) -> Config:
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad:
         raise ConfigError(f"variants: unknown {', '.join(map(repr, bad))}; choose from {', '.join(VARIANTS)}")
-    if "rrt" in cfg.variants and "sft" not in cfg.variants:
-        raise ConfigError("variants: rrt needs sft (θf is the final SFT model)")
+    if "rrt" in cfg.variants and "sft" not in cfg.variants and trajectory_stops_early(cfg):
+        raise ConfigError("variants: rrt needs θf, the final SFT model: the trajectory stops early with "
+                          f"bottleneck.method={cfg.bottleneck.method} and stop_early, so add sft to variants")
+    for section in ("accuracy", "eval"):
+        sec = getattr(cfg, section)
+        if sec.temperature < 0 or not 0 < sec.top_p <= 1:
+            raise ConfigError(f"{section}.temperature must be >= 0 and {section}.top_p in (0, 1]")
+        if sec.temperature == 0 and sec.num_samples > 1:
+            raise ConfigError(f"{section}.num_samples={sec.num_samples} with greedy decoding repeats one completion; "
+                              f"set {section}.temperature > 0")
+    if not 0 <= cfg.accuracy.max_truncated_fraction <= 1:
+        raise ConfigError("accuracy.max_truncated_fraction must be in [0, 1]")
+
     positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
                 "train.micro_batch_size": cfg.train.micro_batch_size, "accuracy.every": cfg.accuracy.every,
-                "accuracy.max_new_tokens": cfg.accuracy.max_new_tokens, "accuracy.batch_size":
-                cfg.accuracy.batch_size, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+                "accuracy.max_new_tokens": cfg.accuracy.max_new_tokens or 1, "accuracy.batch_size":
+                cfg.accuracy.batch_size, "eval.max_new_tokens": cfg.eval.max_new_tokens or 1,
                 "eval.batch_size": cfg.eval.batch_size, "data.max_length": cfg.data.max_length,
-                "train.log_every": cfg.train.log_every}
+                "train.log_every": cfg.train.log_every, "accuracy.num_samples": cfg.accuracy.num_samples,
+                "eval.num_samples": cfg.eval.num_samples,
+                "generation.tensor_parallel_size": cfg.generation.tensor_parallel_size}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")

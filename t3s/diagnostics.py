@@ -4,6 +4,12 @@
   anchor tokens and of the other response tokens (paper Fig. 4), and optionally the norm ratio and cosine
   between the gradients of the two groups (Fig. 6). Both group losses are token sums divided by the number of
   response tokens, i.e. each group's share of the real SFT gradient.
+* :class:`AnchorIntervention` — paper Fig. 5: at every evaluation of the SFT run, from a copy of the current
+  weights, one update on the anchor tokens only and one on the other tokens only; the change of each group's
+  mean loss (Fig. 5a is ``ΔL_other`` after the anchor-only step, Fig. 5b the anchor loss itself). The update is
+  a first Adam step (``lr · g / (|g| + eps)``, i.e. about ``lr · sign(g)``), the size of a real early update,
+  and the weights are restored afterwards. Accuracy is not re-measured (one more generation pass per group
+  and checkpoint); the loss changes are the paper's quantity.
 * :func:`loss_transfer_subsets` + :class:`SubsetLoss` — the 4×4 loss-transfer matrix (paper Table 6,
   Appendix L): anchors and others each split in halves by base confidence (Easy = higher), one run per
   subset trained on that subset only, and the % change of the mean loss of every subset.
@@ -122,6 +128,68 @@ class GroupDynamics:
         sharded = any(hasattr(g, "to_local") for g in grads["anchor"] if g is not None)
         ratio, cos = _grad_vector_stats(params, grads["anchor"], grads["other"], sharded)
         return {"grad_norm_ratio": ratio, "grad_cosine": cos}
+
+
+class AnchorIntervention:
+    """Evaluation hook for paper Fig. 5 (see the module docstring); restores the weights it changes.
+
+    Args:
+        examples: probe examples. anchors: per example, True on anchor positions (aligned with ``labels``).
+        lr: size of the one-step update. eps: Adam's epsilon.
+    """
+
+    def __init__(self, examples: Sequence[TokenizedExample], anchors: Sequence[Sequence[bool]], *, lr: float,
+                 eps: float = 1e-8, batch_size: int = 8):
+        if len(examples) != len(anchors):
+            raise ValueError(f"{len(examples)} probe examples but {len(anchors)} anchor masks")
+        if not lr > 0:
+            raise ValueError(f"intervention lr must be > 0, got {lr}")
+        self.examples, self.anchors = list(examples), [list(a) for a in anchors]
+        self.lr, self.eps, self.batch_size = lr, eps, batch_size
+
+    def _masks(self, group: str) -> list[list[bool]]:
+        return [[(bool(a) if group == "anchor" else not a) and label != IGNORE_INDEX
+                 for a, label in zip(anc, ex.labels, strict=True)] for anc, ex in zip(self.anchors, self.examples,
+                                                                                      strict=True)]
+
+    @torch.no_grad()
+    def _group_losses(self, recipe) -> dict[str, float]:
+        return SubsetLoss(self.examples, {g: self._masks(g) for g in ("anchor", "other")}, self.batch_size)(recipe, 0)
+
+    def _step_on(self, recipe, group: str, params) -> None:
+        masks = self._masks(group)
+        n = sum(sum(m) for m in masks)
+        recipe.optimizer.zero_grad(set_to_none=True)
+        for b in _batches(self.examples, masks, recipe.tokenizer.pad_token_id, self.batch_size):
+            w = b.pop("group").float()
+            out = recipe.policy(mode="loss", input_ids=b["input_ids"].to(recipe.device),
+                                labels=b["labels"].to(recipe.device),
+                                attention_mask=b["attention_mask"].to(recipe.device),
+                                token_weight=w.to(recipe.device), normalizer=float(max(n, 1)), reduction="mean")
+            (out.loss * recipe.world).backward()
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.add_(p.grad / (p.grad.abs() + self.eps), alpha=-self.lr)
+        recipe.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, recipe, step: int) -> dict[str, float]:
+        params = [p for p in recipe.policy.parameters() if p.requires_grad]
+        saved = [p.detach().clone() for p in params]
+        before = self._group_losses(recipe)
+        metrics = {"loss_anchor": before["loss_anchor"], "loss_other": before["loss_other"]}
+        was = recipe.policy.training
+        for group in ("anchor", "other"):
+            recipe.policy.train()
+            self._step_on(recipe, group, params)
+            after = self._group_losses(recipe)
+            for g in ("anchor", "other"):
+                metrics[f"intervention_{group}_step_dloss_{g}"] = after[f"loss_{g}"] - before[f"loss_{g}"]
+            with torch.no_grad():
+                for p, s in zip(params, saved, strict=True):
+                    p.copy_(s)
+        recipe.policy.train(was)
+        return metrics
 
 
 def loss_transfer_subsets(examples: Sequence[TokenizedExample], anchors: Sequence[Sequence[bool]],

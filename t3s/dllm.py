@@ -4,7 +4,11 @@ One step (``research/anchors_block_diffusion.md`` §6-§8; BD3-LM / LLaDA2.0 con
 
 1. :func:`~t3s_kernels.block_diffusion_union_mask` draws the noisy half: per block (or per sequence) a noise level
    ``t``, random mask ``m = (u < t) ∧ response``, union ``m' = m ∨ (target ∧ response)``; loss weights per token
-   (``t3s_split``: random non-targets ``1/t``, targets ``λ``) and a class code per token.
+   and a class code per token. Default weighting ``uniform`` = the paper's Eq. 10, an unweighted sum of the
+   reconstruction loss over ``m'``: a target is masked at every step, a non-target with probability ``t``, so in
+   expectation a target weighs ``1 / E[t]`` times a random token (1.82x at dFactory's ``t ∈ [0.3, 0.8]``, 2x at
+   ``[1e-3, 1]``). Options: ``t3s_split`` (random non-targets ``1/t`` (ELBO), targets ``λ``: in expectation
+   targets then weigh about the same as random masks) and ``elbo_naive`` (``1/t`` on everything).
 2. The model sees ``[x_t ‖ x_0]`` (length ``2L``) with position ids ``[pos ‖ pos]`` (document-relative) and the 2L
    block-diffusion attention mask (noisy↔noisy within a block, noisy → strictly earlier clean blocks, clean →
    clean block-causal, never across documents): a boolean 4D mask for ``sdpa``, an additive float mask for
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from t3s.generate import Completion, GenerationBackend
 from t3s_kernels import linear_cross_entropy
 from t3s_kernels.block_diffusion import (
     FORCED,
@@ -48,9 +53,11 @@ from t3s_kernels.hf import FusedLossCausalLM
 __all__ = [
     "CLASSES",
     "DLLMConfig",
+    "DiffusionBackend",
     "PreparedBatch",
     "StepOutput",
     "dllm_loss",
+    "diffusion_generate",
     "dllm_train_step",
     "prepare_dllm_batch",
     "step_normalizer",
@@ -72,7 +79,8 @@ class DLLMConfig:
         eps_min, eps_max: noise-level window (BD3-LM ``[1e-3, 1]``; dFactory LLaDA2.0 SFT ``[0.3, 0.8]``).
         t_mode: ``per_block`` (BD3-LM) or ``per_sequence`` (LLaDA2.0 / dFactory).
         sampler: ``stratified_perm`` | ``bd3lm`` | ``iid``.
-        weight_mode: ``t3s_split`` (random 1/t, targets ``target_weight``) | ``uniform`` | ``elbo_naive``.
+        weight_mode: ``uniform`` (default: the paper's Eq. 10, 1 on every token of the union mask) | ``t3s_split``
+            (random 1/t, targets ``target_weight``) | ``elbo_naive`` (1/t on every masked token).
         target_weight: λ.
         normalization: ``token`` (default) | ``sequence`` | ``masked``.
         seed: Philox key of the masks (the optimizer step is the other half of the key).
@@ -86,7 +94,7 @@ class DLLMConfig:
     eps_max: float = 1.0
     t_mode: str = "per_block"
     sampler: str = "stratified_perm"
-    weight_mode: str = "t3s_split"
+    weight_mode: str = "uniform"
     target_weight: float = 1.0
     normalization: str = "token"
     seed: int = 0
@@ -482,3 +490,116 @@ def train_dllm(
         if log is not None:
             log(row)
     return history
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: block-diffusion decoding with the training layout
+
+
+@torch.no_grad()
+def diffusion_generate(
+    model: nn.Module,
+    prompt: Sequence[int],
+    *,
+    block_size: int,
+    mask_token_id: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[list[int], str]:
+    """Decode one completion block by block, as the block-diffusion student was trained to denoise.
+
+    Blocks are counted from the start of the sequence, as in training (the response may begin inside the
+    prompt's last block). For the current block, the unknown positions start as ``[MASK]``; each forward runs
+    the training input ``[x_t ‖ x_0]`` with the 2L block-diffusion mask (``x_t`` = prefix + the partly unmasked
+    block, seeing itself within the block and the clean prefix in strictly earlier blocks) and fixes the one
+    masked position whose prediction is most confident (greedy, or a sampled token with ``temperature > 0``)
+    — low-confidence remasking with one token per step, so ``max_new_tokens`` forwards at most. Decoding stops
+    after a block that contains an end token.
+
+    Returns ``(token ids without the end token, finish reason)`` — ``stop`` or ``length``.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if not prompt:
+        raise ValueError("an empty prompt cannot be generated from")
+    lm = _adapter(model)
+    param = next(lm.model.parameters())
+    dev, attn = param.device, _attn_impl(lm.model)
+    stops = {int(e) for e in eos_token_ids}
+    seq, new = [int(t) for t in prompt], []
+    was = lm.model.training
+    lm.model.eval()
+    while len(new) < max_new_tokens:
+        start = len(seq)
+        n = min((start // block_size + 1) * block_size - start, max_new_tokens - len(new))
+        cur = torch.tensor([*seq, *[mask_token_id] * n], dtype=torch.long, device=dev)[None]
+        L = cur.shape[1]
+        doc = torch.zeros(1, L, dtype=torch.int64, device=dev)
+        mask = _build_attention_mask(attn, block_size, doc, param.dtype)
+        pos = position_ids_from_document_ids(doc)
+        todo = list(range(start, start + n))
+        while todo:
+            hidden = lm.hidden_states(input_ids=torch.cat([cur, cur], dim=1), attention_mask=mask,
+                                      position_ids=torch.cat([pos, pos], dim=1))[:, :L]
+            logits = lm.logits(hidden[0, todo]).float()  # [len(todo), V]
+            logits[:, mask_token_id] = float("-inf")  # [MASK] is never an answer
+            probs = torch.softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+            if temperature > 0:
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                tok = probs.argmax(-1)
+            conf = probs.gather(-1, tok[:, None]).squeeze(-1)
+            k = int(conf.argmax())
+            cur[0, todo[k]] = tok[k]
+            del todo[k]
+        block = cur[0, start:].tolist()
+        seq += block
+        cut = next((j for j, t in enumerate(block) if t in stops), None)
+        if cut is not None:
+            new += block[:cut]
+            lm.model.train(was)
+            return new, "stop"
+        new += block
+    lm.model.train(was)
+    return new, "length"
+
+
+class DiffusionBackend(GenerationBackend):
+    """A :class:`t3s.generate.GenerationBackend` over :func:`diffusion_generate` (one prompt at a time).
+
+    Exact, not fast: no KV cache, one forward per generated token over the whole ``2L`` sequence.
+    """
+
+    name = "diffusion"
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: DLLMConfig, *, eos_token_ids: Sequence[int],
+                 progress: bool = False, desc: str = "diffusion decode"):
+        if cfg.mask_token_id is None:
+            raise ValueError("diffusion decoding needs dllm.mask_token_id")
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.eos, self.progress, self.desc = list(eos_token_ids), progress, desc
+
+    def generate(self, prompts, sampling):
+        from tqdm.auto import tqdm
+
+        gen = None
+        if sampling.temperature > 0:
+            gen = torch.Generator(device=next(_adapter(self.model).model.parameters()).device)
+            gen.manual_seed(int(sampling.seed))
+        out = []
+        for p in tqdm(prompts, desc=self.desc, disable=not self.progress, leave=False):
+            comps = []
+            for _ in range(sampling.num_samples):
+                toks, reason = diffusion_generate(
+                    self.model, p, block_size=self.cfg.block_size, mask_token_id=int(self.cfg.mask_token_id),
+                    max_new_tokens=sampling.max_new_tokens, eos_token_ids=self.eos,
+                    temperature=sampling.temperature, generator=gen,
+                )  # fmt: skip
+                comps.append(Completion(toks, self.tokenizer.decode(toks, skip_special_tokens=True), reason))
+            out.append(comps)
+        return out
+
+    def close(self) -> None:
+        pass

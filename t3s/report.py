@@ -10,7 +10,12 @@ statistics and the plots:
 * ``delta_c.png`` — the distribution of Δc_t with the anchor threshold;
 * ``group_dprob.png`` — mean Δ-probability of anchors vs other tokens per checkpoint (SFT and T3S runs);
 * ``grad_stats.png`` — anchor/other gradient-norm ratio and cosine per checkpoint (SFT run);
+* ``intervention.png`` — paper Fig. 5 (``diagnostics.anchor_intervention``): the other tokens' loss change after
+  one anchor-only update, and the anchor loss, per checkpoint of the SFT run;
 * the 4×4 loss-transfer matrix as a table when that stage ran.
+
+Warnings name what departs from the paper's setting: an anchor share far from ≈ 20 % (AR, Δc > 0), a dLLM target
+share far from ≈ 5 % (τ = 0.2), masked end tokens, truncated evaluations.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from t3s.config import Config
-from t3s.io import read_json, write_atomic, write_json_atomic, write_text_atomic
+from t3s.io import read_json, stage_info, write_atomic, write_json_atomic, write_text_atomic
+
+# The paper's shares: anchors (Δc > 0) ≈ 20 % of response tokens (static baselines "mask the same token fraction
+# as T3S (about 20 %)", §4 / App. K); dLLM targets at τ = 0.2 ≈ 5 % (5.24 %, Table 11). A share outside
+# [share / 2, 2 · share] is flagged: the run differs from the paper's regime in a way worth knowing.
+PAPER_ANCHOR_SHARE = 0.20
+PAPER_TARGET_SHARE = 0.05
 
 # Published numbers (AIME24 / AIME25 average, Qwen3-8B student) from the paper's Table 3 and Table 19, shown
 # only when ``paper_reference`` names one of these settings. They are the paper's results, never the run's.
@@ -69,7 +80,42 @@ def collect(run_dir: str | Path) -> dict:
             out["selections"][d.name] = {k: v for k, v in stats.items() if k != "per_example"}
     lt = run / "diagnostics" / "loss_transfer.json"
     out["loss_transfer"] = read_json(lt) if lt.exists() else None
+    ev = run / "trajectory" / "evaluation.json"
+    out["accuracy_settings"] = read_json(ev) if ev.exists() else None
+    out["rrt"] = stage_info(run, "rrt")
     return out
+
+
+def share_warnings(data: dict, *, mode: str = "ar") -> list[str]:
+    """Departures from the paper's regime worth a reader's attention (empty when none)."""
+    warn = []
+    bn = data.get("bottleneck") or {}
+    if bn.get("curve_problem"):
+        warn.append(f"θb is unreliable (bottleneck.on_bad_curve=warn): {bn['curve_problem']}")
+    sel = data["selections"]
+    t3s = sel.get("t3s")
+    if mode == "ar" and t3s:
+        share = t3s.get("anchor_fraction", t3s["selected_fraction"])
+        if not PAPER_ANCHOR_SHARE / 2 <= share <= 2 * PAPER_ANCHOR_SHARE:
+            warn.append(f"anchor share {100 * share:.1f}% of response tokens (Δc > {t3s.get('anchor_cut', 0):g}) is "
+                        f"far from the paper's ≈ {100 * PAPER_ANCHOR_SHARE:.0f}%: θb may be off (check the accuracy "
+                        "curve), or the student / data differ from the paper's regime")
+    tg = sel.get("dllm_targets")
+    if tg:
+        share = tg["selected_fraction"]
+        if not PAPER_TARGET_SHARE / 2 <= share <= 2 * PAPER_TARGET_SHARE:
+            warn.append(f"dLLM target share {100 * share:.2f}% (Δc < −τ) is far from the paper's ≈ "
+                        f"{100 * PAPER_TARGET_SHARE:.0f}% at τ = 0.2 (Table 11: 10.4% at τ = 0.1, 2.5% at τ = 0.3); "
+                        "consider adjusting select.tau")
+    for rule, st in sel.items():
+        if st.get("meaning") == "loss_weight" and st.get("end_tokens") and st.get("end_selected"):
+            warn.append(f"{rule}: {st['end_selected']}/{st['end_tokens']} end-of-sequence / end-of-turn tokens are "
+                        "masked (select.always_train_eos=false): a student that stops training on them may stop ending")
+    for name, e in data["eval"].items():
+        if e.get("truncated_fraction", 0) > 0.5:
+            warn.append(f"eval {name}: {100 * e['truncated_fraction']:.0f}% of completions hit max_new_tokens "
+                        f"({e.get('max_new_tokens', {}).get('max_new_tokens')}); its accuracy undercounts")
+    return warn
 
 
 def _save(fig, path: Path) -> None:
@@ -156,25 +202,54 @@ def plot_groups(data: dict, path: Path, bn_step: int | None) -> Path | None:
     return path
 
 
-def plot_grad_stats(data: dict, path: Path, bn_step: int | None) -> Path | None:
-    rows = data["variants"].get("sft", [])
-    x1, ratio = _series(rows, "grad_norm_ratio")
-    x2, cos = _series(rows, "grad_cosine")
-    if not x1:
-        return None
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.plot(x1, ratio, marker=".")
-    a1.set(xlabel="optimizer step", ylabel="‖g_anchor‖ / ‖g_other‖", title="Gradient-norm ratio (SFT run)")
-    a2.plot(x2, cos, marker=".", color="purple")
-    a2.axhline(0, color="grey", lw=0.5)
-    a2.set(xlabel="optimizer step", ylabel="cos(g_anchor, g_other)", title="Gradient cosine (SFT run)")
+def _pair(path: Path, bn_step: int | None, draw) -> Path:
+    """A two-panel figure of the SFT run with the bottleneck marked on both panels."""
+    fig, (a1, a2) = _plt().subplots(1, 2, figsize=(10, 3.6))
+    draw(a1, a2)
     for ax in (a1, a2):
         if bn_step is not None:
             ax.axvline(bn_step, color="red", ls=":", lw=1)
     fig.tight_layout()
     _save(fig, path)
     return path
+
+
+def plot_grad_stats(data: dict, path: Path, bn_step: int | None) -> Path | None:
+    rows = data["variants"].get("sft", [])
+    x1, ratio = _series(rows, "grad_norm_ratio")
+    x2, cos = _series(rows, "grad_cosine")
+    if not x1:
+        return None
+
+    def draw(a1, a2):
+        a1.plot(x1, ratio, marker=".")
+        a1.set(xlabel="optimizer step", ylabel="‖g_anchor‖ / ‖g_other‖", title="Gradient-norm ratio (SFT run)")
+        a2.plot(x2, cos, marker=".", color="purple")
+        a2.axhline(0, color="grey", lw=0.5)
+        a2.set(xlabel="optimizer step", ylabel="cos(g_anchor, g_other)", title="Gradient cosine (SFT run)")
+
+    return _pair(path, bn_step, draw)
+
+
+def plot_intervention(data: dict, path: Path, bn_step: int | None) -> Path | None:
+    rows = data["variants"].get("sft", [])
+    x1, d_other = _series(rows, "intervention_anchor_step_dloss_other")
+    x2, l_anchor = _series(rows, "loss_anchor")
+    if not x1:
+        return None
+    x3, d_self = _series(rows, "intervention_other_step_dloss_other")
+
+    def draw(a1, a2):
+        a1.plot(x1, d_other, marker=".", label="anchor-only step → ΔL_other")
+        if x3:
+            a1.plot(x3, d_self, marker=".", ls="--", label="other-only step → ΔL_other")
+        a1.axhline(0, color="grey", lw=0.5)
+        a1.set(xlabel="checkpoint (optimizer step)", ylabel="Δ loss on other tokens", title="One-step intervention")
+        a1.legend(fontsize=7)
+        a2.plot(x2, l_anchor, marker=".", color="darkorange")
+        a2.set(xlabel="checkpoint (optimizer step)", ylabel="anchor-token loss", title="Anchor loss (SFT run)")
+
+    return _pair(path, bn_step, draw)
 
 
 def results_table(data: dict, cfg: Config) -> tuple[list[dict], str]:
@@ -188,7 +263,8 @@ def results_table(data: dict, cfg: Config) -> tuple[list[dict], str]:
         if e is None:
             continue
         curve = _series(data["variants"].get(name, []), "train_accuracy")[1]
-        sel = data["selections"].get(name, {})
+        rule = name if cfg.train.mode == "ar" else ("dllm_targets" if name == "t3s" else "")
+        sel = data["selections"].get(rule, {})
         rows.append({"model": name, "heldout_accuracy": e["accuracy"], "correct": e["correct"], "total": e["total"],
                      "final_train_accuracy": curve[-1] if curve else None,
                      "min_train_accuracy": min(curve) if curve else None,
@@ -226,29 +302,65 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
         "training_dynamics": plot_training_dynamics(data, out / "training_dynamics.png"),
         "group_dprob": plot_groups(data, out / "group_dprob.png", bn_step),
         "grad_stats": plot_grad_stats(data, out / "grad_stats.png", bn_step),
+        "intervention": plot_intervention(data, out / "intervention.png", bn_step),
     }
     plots["delta_c"], delta_stats = plot_delta_c(run, cfg.select.threshold, out / "delta_c.png")
     rows, table = results_table(data, cfg)
 
+    from t3s.bottleneck import describe
+
+    mode = cfg.train.mode
+    warnings = share_warnings(data, mode=mode)
     md = ["# T3S run report", "", f"Run directory: `{run}`", ""]
     if description:
         md += [description, ""]
-    md += ["## Results (held-out, greedy)", "", table, ""]
+    if warnings:
+        md += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+    first = next(iter(data["eval"].values()), {})
+    samp = first.get("sampling") or {"temperature": 0.0, "num_samples": 1}
+    how = ("greedy" if samp["temperature"] == 0
+           else f"T={samp['temperature']:g}, {samp['num_samples']} samples per prompt")
+    if mode == "dllm":
+        how += ", block-diffusion decoding"
+    md += [f"## Results (held-out, {how})", "", table, ""]
+    if mode == "dllm":
+        md += ["dLLM mode: the students are evaluated by block-diffusion decoding (`t3s.dllm.diffusion_generate`: "
+               "block by block, the most confident masked position first, in the training's [x_t ‖ x_0] layout); the "
+               f"trajectory, θb and Δc come from the AR selector `{cfg.model.selector}`.", ""]
     if bn:
+        acc = bn["accuracy"] if bn["accuracy"] is None else format(bn["accuracy"], ".3f")
         md += ["## Imitation Bottleneck", "",
-               f"θb = step {bn['step']} of the SFT trajectory (method `{bn['method']}`, training accuracy "
-               f"{bn['accuracy'] if bn['accuracy'] is None else format(bn['accuracy'], '.3f')}"
-               + (f", confirmed at step {bn['confirmed_at']}" if bn.get("confirmed_at") is not None else "")
-               + f"; the trajectory ran {bn.get('trajectory_steps')} steps).", ""]
+               f"θb = step {bn['step']} of the SFT trajectory, training accuracy {acc}; chosen by "
+               f"{bn.get('description') or describe(bn)}. The trajectory ran {bn.get('trajectory_steps')} steps"
+               + (" and stopped early" if bn.get("stopped_early") else "") + ".", ""]
+    st = data.get("accuracy_settings")
+    if st:
+        mnt = st["max_new_tokens"]
+        sp = st["sampling"]
+        md += [f"Training accuracy: {st['num_prompts']} training prompts every {st['every']} steps, backend "
+               f"`{st['backend']}`, max_new_tokens {mnt['max_new_tokens']} ({mnt['derived_from']}; longest training "
+               f"response {mnt.get('longest_response')} tokens), "
+               + ("greedy" if sp["temperature"] == 0 else f"T={sp['temperature']:g} top-p {sp['top_p']:g}, "
+                  f"{sp['num_samples']} samples") + ".", ""]
+        trunc = _series(data["trajectory"], "train_truncated_fraction")[1]
+        if trunc:
+            md += [f"Truncated completions over the trajectory: mean {100 * float(np.mean(trunc)):.1f}%, max "
+                   f"{100 * max(trunc):.1f}%.", ""]
+    if data.get("rrt"):
+        md += [f"RRT: θ0 + (θf − θb) with θf = `{data['rrt'].get('theta_f')}`.", ""]
     if delta_stats:
         md += ["## Δc_t", "", f"{delta_stats['tokens']} response tokens; mean Δc {delta_stats['mean']:.3f}, median "
                f"{delta_stats['median']:.3f}; anchors (Δc > {cfg.select.threshold:g}): "
                f"{100 * delta_stats['anchor_fraction']:.1f}%.", ""]
     if data["selections"]:
-        md += ["| selection | tokens selected | share |", "|---|---|---|"]
+        md += ["| selection | tokens selected | share | end tokens selected |", "|---|---|---|---|"]
         for rule, s in data["selections"].items():
-            md.append(f"| {rule} | {s['num_selected']}/{s['num_tokens']} | {100 * s['selected_fraction']:.1f}% |")
-        md.append("")
+            end = (f"{s['end_selected']}/{s['end_tokens']}" if s.get("end_tokens") else "–")
+            share = f"{100 * s['selected_fraction']:.1f}%"
+            md.append(f"| {rule} | {s['num_selected']}/{s['num_tokens']} | {share} | {end} |")
+        md += ["", "\"Selected\" is masked (weight 0) for AR rules and always-masked target for `dllm_targets`. End-of-"
+               "sequence / end-of-turn tokens: the paper does not say how it treats them; by default "
+               "(`select.always_train_eos`) every AR rule keeps them in the loss.", ""]
     if data["loss_transfer"]:
         m = data["loss_transfer"]["matrix_percent"]
         cols = list(next(iter(m.values())).keys())
@@ -257,7 +369,8 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
         md += [f"| {r} | " + " | ".join(f"{v:+.1f}" for v in m[r].values()) + " |" for r in m]
         md.append("")
     titles = {"training_dynamics": "Loss and training accuracy", "delta_c": "Δc distribution",
-              "group_dprob": "Δ-probability of anchors vs other tokens", "grad_stats": "Anchor/other gradients"}
+              "group_dprob": "Δ-probability of anchors vs other tokens", "grad_stats": "Anchor/other gradients",
+              "intervention": "One-step anchor intervention (paper Fig. 5)"}
     md += ["## Plots", ""]
     md += [f"### {titles[k]}\n\n![{k}]({p.name})\n" for k, p in plots.items() if p is not None]
     samples = {k: e.get("samples", [])[:2] for k, e in data["eval"].items()}
@@ -269,6 +382,8 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                           f"`{s['completion'][:200]}`")
         md.append("")
     write_json_atomic(out / "results.json", {"rows": rows, "bottleneck": bn, "delta_c": delta_stats,
+                                              "warnings": warnings, "accuracy_settings": data.get("accuracy_settings"),
+                                              "mode": mode,
                                               "selections": data["selections"],
                                               "loss_transfer": data["loss_transfer"],
                                               "plots": {k: str(p) if p else None for k, p in plots.items()}})

@@ -16,9 +16,13 @@ The fraction-matched rules rank tokens over the whole dataset (as the paper's "t
 exactly ``round(fraction x tokens)`` of them; ``fraction`` defaults to the T3S anchor fraction with the same
 ``threshold`` / ``quantile``. Ties are broken by token order, so every rule is deterministic.
 
-Optional refinements (off by default, so the paper's rule is the default): ``quantile`` puts the anchor cut at
-a quantile of Δc instead of at ``threshold``; ``always_train_eos`` never masks an end-of-sequence token (in the
-demo's toy run the Δc > 0 rule masked every end token and the student stopped learning to stop).
+End-of-sequence and end-of-turn tokens: the paper says nothing about them. ``always_train_eos`` (the pipeline's
+default, ``select.always_train_eos``) keeps them in the loss of every AR rule whatever their Δc: with the bare
+Δc > 0 rule the demo's toy run masked every end token and the student stopped learning to stop. Either way the
+stats record how many end tokens there are and what share of them the rule masked (``end_tokens``,
+``end_selected_fraction``). For ``dllm_targets`` a target is trained more, not less, so end tokens follow Δc.
+
+``quantile`` (optional) puts the anchor cut at a quantile of Δc instead of at ``threshold``.
 
 A :class:`Selection` holds, per example, 0/1 weights over the example's scored positions (its label
 positions), the rule's statistics, and the token ids it was computed on, so :func:`apply_selection` can refuse
@@ -103,6 +107,7 @@ def select_tokens(
     seed: int = 0,
     always_train_eos: bool = False,
     eos_token_ids: Sequence[int] | None = None,
+    end_token_ids: Sequence[int] = (),
 ) -> Selection:
     """Select tokens from a Δc store.
 
@@ -119,6 +124,7 @@ def select_tokens(
         seed: seed of the ``random`` rule.
         always_train_eos: AR rules only: end-of-sequence tokens keep weight 1 whatever the rule says.
         eos_token_ids: which ids count as end of sequence (default: recorded in the store's provenance).
+        end_token_ids: extra end-of-turn ids (``<|im_end|>``, ``<|eot_id|>``) treated like EOS.
 
     Returns:
         :class:`Selection` with one weight array per example, aligned with the example's label positions.
@@ -168,11 +174,13 @@ def select_tokens(
         picked[np.random.default_rng(seed).permutation(total)[:budget]] = True
 
     weight = picked.astype(np.float32) if meaning == "target" else (~picked).astype(np.float32)
+    eos = list(eos_token_ids) if eos_token_ids is not None else list(store.provenance.get("eos_token_ids", []))
+    eos = sorted({int(i) for i in [*eos, *end_token_ids]})
+    is_end = np.isin(token_ids, eos) if eos else np.zeros(total, dtype=bool)
     if always_train_eos:
-        eos = list(eos_token_ids) if eos_token_ids is not None else store.provenance.get("eos_token_ids", [])
         if not eos:
             raise ValueError("always_train_eos needs eos_token_ids (none recorded in the store's provenance)")
-        weight[np.isin(token_ids, eos)] = 1.0
+        weight[is_end] = 1.0
         picked = weight == 0.0
 
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -190,6 +198,10 @@ def select_tokens(
         "weight_fraction": float(weight.mean()) if total else 0.0,
         "anchor_fraction": float(anchors.mean()) if total else 0.0,
         "anchor_cut": cut,
+        "end_token_ids": eos,
+        "end_tokens": int(is_end.sum()),
+        "end_selected": int((picked & is_end).sum()),
+        "end_selected_fraction": float((picked & is_end).sum() / is_end.sum()) if is_end.any() else None,
         "per_example_selected_fraction": {
             "min": min(per_example, default=0.0),
             "mean": float(np.mean(per_example)) if per_example else 0.0,
@@ -202,6 +214,7 @@ def select_tokens(
     params = {
         "rule": rule, "tau": tau, "threshold": threshold, "quantile": quantile, "fraction": fraction,
         "matched_fraction": target_fraction, "seed": seed, "always_train_eos": always_train_eos,
+        "end_token_ids": eos,
         "delta_store": str(store.path) if store.path else None,
     }
     input_ids = store.table.column("input_ids").to_pylist()
@@ -293,10 +306,13 @@ def format_stats(selection: Selection) -> str:
     s = selection.stats
     what = "targets" if selection.meaning == "target" else "masked"
     per = s["per_example_selected_fraction"]
+    end = ""
+    if s.get("end_tokens"):
+        end = f"; end tokens {what}: {s['end_selected']}/{s['end_tokens']}"
     return (
         f"{selection.rule}: {s['num_selected']}/{s['num_tokens']} tokens {what} "
         f"({100 * s['selected_fraction']:.2f}%; per example min {100 * per['min']:.1f}% "
-        f"mean {100 * per['mean']:.1f}% max {100 * per['max']:.1f}%) over {s['num_examples']} examples"
+        f"mean {100 * per['mean']:.1f}% max {100 * per['max']:.1f}%) over {s['num_examples']} examples{end}"
     )
 
 

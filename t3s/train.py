@@ -52,19 +52,19 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Model loading
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """A tokenizer from a local folder (nothing is downloaded)."""
     from transformers import AutoTokenizer
 
     _require_local(path, "tokenizer")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_model(path: str, *, dtype: str = "fp32", attn_implementation: str | None = None,
-               device: torch.device | str = "cpu") -> nn.Module:
+               device: torch.device | str = "cpu", trust_remote_code: bool = False) -> nn.Module:
     """A Hugging Face causal LM from a local folder, on ``device``."""
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +72,7 @@ def load_model(path: str, *, dtype: str = "fp32", attn_implementation: str | Non
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars only
-    kw: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True}
+    kw: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True, "trust_remote_code": trust_remote_code}
     attn_implementation = resolve_attn_implementation(attn_implementation, device)
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
@@ -264,9 +264,10 @@ class SFTRecipe:
         if cfg.train.batch_size % self.world:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide across {self.world} ranks")
 
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        trust = cfg.model.trust_remote_code
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=trust)
         self.lm = load_model(self.init_path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                             device=self.device)
+                             device=self.device, trust_remote_code=trust)
         if cfg.train.gradient_checkpointing:
             if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers >= 5.x
                 self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -496,9 +497,17 @@ def run_training(cfg: Config, examples: Sequence[TokenizedExample], out_dir: str
 
 
 def accuracy_hook(prompts: Sequence[Sequence[int]], golds: Sequence[str], *, verifier: Callable[[str, str], bool],
-                  max_new_tokens: int, batch_size: int, curve: dict[int, float] | None = None) -> EvalHook:
-    """Training accuracy at a step: greedy generation + answer check, or a value from a precomputed curve."""
-    from t3s.generate import answer_accuracy, stop_token_ids
+                  max_new_tokens: int | None = None, batch_size: int, curve: dict[int, float] | None = None,
+                  sampling: Any = None, check: Callable[[int, dict], None] | None = None) -> EvalHook:
+    """Training accuracy at a step: generation + answer check, or a value from a precomputed curve.
+
+    Returns ``train_accuracy`` and the shares of truncated / answerless completions (:meth:`AccuracyResult.
+    metrics`); ``check(step, metrics)`` may raise to stop a run whose evaluation cannot see the answers.
+    """
+    from t3s.generate import SamplingConfig, answer_accuracy, stop_token_ids
+
+    if sampling is None:
+        sampling = SamplingConfig(max_new_tokens=int(max_new_tokens))
 
     def hook(recipe: SFTRecipe, step: int) -> dict[str, float]:
         if curve is not None:
@@ -506,10 +515,13 @@ def accuracy_hook(prompts: Sequence[Sequence[int]], golds: Sequence[str], *, ver
                 raise ValueError(f"accuracy curve has no value for step {step} (it has {sorted(curve)})")
             return {"train_accuracy": float(curve[step])}
         res = answer_accuracy(_Generator(recipe), recipe.tokenizer, prompts, golds, verifier=verifier,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              sampling=sampling, batch_size=batch_size,
                               progress=recipe.progress, desc=f"{recipe.name} acc@{step}")
         reshard_root(recipe.policy)
-        return {"train_accuracy": res.accuracy}
+        metrics = res.metrics("train")
+        if check is not None:
+            check(step, metrics)
+        return metrics
 
     hook.stop_ids = stop_token_ids  # for introspection in tests
     return hook
@@ -559,13 +571,14 @@ def run_dllm_training(cfg: Config, examples: Sequence[TokenizedExample], out_dir
 
     if D.launched_distributed():
         raise ValueError("train.mode=dllm runs on a single process (t3s.dllm.train_dllm); launch without torchrun")
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    trust = cfg.model.trust_remote_code
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=trust)
     dllm_cfg = resolve_dllm_config(cfg.dllm, tok)  # fail on a bad dllm config before any output exists
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     lm = load_model(cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                    device=D.device())
+                    device=D.device(), trust_remote_code=trust)
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as f:
         train_dllm(lm, examples, cfg=dllm_cfg, tokenizer=tok, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
                    micro_batch_size=cfg.train.micro_batch_size, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,

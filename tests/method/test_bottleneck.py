@@ -56,5 +56,58 @@ def test_bad_curves(curve, match):
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="online, argmin or fixed"):
+    with pytest.raises(ValueError, match="argmin, online or fixed"):
         find_bottleneck(SHOCK, method="magic")
+
+
+# A curve shaped like the paper's: a plateau at 0.50, the true minimum 0.40 three evaluations later, ties at 0.40.
+PLATEAU = {0: 0.8, 1: 0.6, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.4, 6: 0.4, 7: 0.6, 8: 0.7}
+
+
+def test_default_rule_is_argmin_over_the_whole_trajectory():
+    b = find_bottleneck(PLATEAU)
+    assert (b.method, b.step, b.accuracy) == ("argmin", 5, 0.4)  # the true minimum, earliest of the tie
+
+
+def test_online_with_short_patience_stops_on_the_plateau():
+    b = find_bottleneck(PLATEAU, method="online", patience=2)
+    assert (b.step, b.confirmed_at) == (2, 4)  # the 0.5 plateau taken for the minimum; stopped before the 0.4
+    b = find_bottleneck(PLATEAU, method="online", patience=3)
+    assert (b.step, b.accuracy) == (5, 0.4)  # patient enough: the true minimum (earliest of the tie)
+
+
+def test_fixed_ignores_the_curve_even_at_a_plateau():
+    b = find_bottleneck(PLATEAU, method="fixed", step=3)
+    assert (b.step, b.accuracy, b.method) == (3, 0.5, "fixed")
+
+
+def test_describe_never_claims_a_confirmation_for_argmin_or_fixed():
+    from t3s.bottleneck import describe
+
+    assert "confirmed" not in describe(find_bottleneck(PLATEAU).to_dict())
+    assert "Eq. 1" in describe(find_bottleneck(PLATEAU).to_dict())
+    assert "T3S-simple" in describe(find_bottleneck(PLATEAU, method="fixed").to_dict())
+    assert "confirmed at step 4" in describe(find_bottleneck(PLATEAU, method="online", patience=2).to_dict())
+
+
+@pytest.mark.parametrize("value, why", [(0.0, "never produces a correct answer"), (1.0, "already solved"),
+                                        (0.5, "too small to resolve")])
+def test_a_flat_curve_is_an_error_that_says_why(value, why):
+    from t3s.bottleneck import CurveError, check_curve
+
+    rows = [{"step": s, "train_accuracy": value} for s in range(4)]
+    with pytest.raises(CurveError, match=f"{value:.3f} at every one of the 4 evaluated steps.*{why}"):
+        check_curve(rows)
+
+
+def test_a_truncated_curve_is_an_error_that_names_the_budget():
+    from t3s.bottleneck import CurveError, check_curve
+
+    rows = [{"step": s, "train_accuracy": a, "train_truncated_fraction": 0.9, "train_no_answer_fraction": 0.9}
+            for s, a in PLATEAU.items()]
+    with pytest.raises(CurveError, match=r"90% .* generation limit .*max_new_tokens=512 .*1800 tokens"):
+        check_curve(rows, max_new_tokens=512, longest_response=1800)
+    rows = [{**r, "train_truncated_fraction": 0.0} for r in rows]
+    with pytest.raises(CurveError, match="no extractable final answer"):
+        check_curve(rows)
+    check_curve([{**r, "train_no_answer_fraction": 0.1} for r in rows])  # a healthy curve passes

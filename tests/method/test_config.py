@@ -57,7 +57,8 @@ def test_unknown_key_in_yaml_file(tmp_path):
     ("train.packing=maybe", "train.packing: expected true/false"),
     ("bottleneck.method=smart", "bottleneck.method: must be one of"),
     ("variants=[sft,t4s]", "variants: unknown 't4s'"),
-    ("variants=[t3s,rrt]", "rrt needs sft"),
+    ("accuracy.num_samples=4", "greedy decoding repeats"),
+    ("generation.backend=sglang", "generation.backend: must be one of"),
     ("train.batch_size=10", "multiple of"),
     ("train.steps=0", "train.steps: must be > 0"),
     ("optim=3", "optim: is a section"),
@@ -66,6 +67,25 @@ def test_unknown_key_in_yaml_file(tmp_path):
 def test_bad_values_are_clear_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_rrt_needs_an_sft_run_only_when_the_trajectory_stops_early():
+    # argmin (the default) runs the whole trajectory: its final checkpoint is θf.
+    assert load_config(None, ["variants=[t3s,rrt]"]).bottleneck.method == "argmin"
+    with pytest.raises(ConfigError, match="rrt needs θf"):
+        load_config(None, ["variants=[t3s,rrt]", "bottleneck.method=online"])
+    load_config(None, ["variants=[t3s,rrt]", "bottleneck.method=online", "bottleneck.stop_early=false"])
+
+
+def test_paper_defaults():
+    cfg = load_config(None, [])
+    assert cfg.bottleneck.method == "argmin" and cfg.bottleneck.step == 10  # Eq. 1; T3S-simple at step 10
+    assert cfg.accuracy.max_new_tokens is None and cfg.eval.max_new_tokens is None  # derived from the traces
+    assert cfg.select.tau == 0.2 and cfg.select.threshold == 0.0 and cfg.select.always_train_eos
+    assert cfg.model.trust_remote_code is False and cfg.generation.backend == "hf"
+    from t3s.dllm import DLLMConfig
+
+    assert DLLMConfig().weight_mode == "uniform"  # Eq. 10: unweighted sum over the union mask
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -39,7 +39,8 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean_run(root, tmp_path_factory):
     run = tmp_path_factory.mktemp("clean")
-    cfg = tiny_config(root, run, VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2")
+    cfg = tiny_config(root, run, VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2",
+                      "diagnostics.anchor_intervention=true")
     report = run_pipeline(cfg, progress=False, log=lambda s: None)
     return run, report
 
@@ -57,11 +58,30 @@ def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     assert set(res["loss_transfer"]["matrix_percent"]) == {"anchor_easy", "anchor_hard", "other_easy", "other_hard"}
     # T3S masks exactly the anchors, −T3S exactly the rest, the static baseline the same fraction as T3S.
     sel = res["selections"]
-    assert sel["t3s"]["num_selected"] + sel["neg_t3s"]["num_selected"] == sel["t3s"]["num_tokens"]
+    # End tokens stay trained under every AR rule (select.always_train_eos, the default).
+    assert sel["t3s"]["end_tokens"] > 0 and sel["t3s"]["end_selected"] == sel["neg_t3s"]["end_selected"] == 0
+    assert (sel["t3s"]["num_selected"] + sel["neg_t3s"]["num_selected"]
+            == sel["t3s"]["num_tokens"] - sel["t3s"]["end_tokens"])
     assert sel["static_low_conf"]["num_selected"] == sel["t3s"]["num_selected"]
     sft_rows = [json.loads(x) for x in (run / "variants" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("grad_cosine" in r and "dprob_anchor" in r for r in sft_rows)
     assert all("paper" not in r or r["paper"] is None for r in res["rows"])  # no paper numbers: setting differs
+    # Fig. 5 intervention: recorded per checkpoint, and the weights it perturbs are restored exactly — the SFT
+    # variant (with the intervention) ends bit-identical to the trajectory run (same data, no intervention).
+    assert all(k in r for r in sft_rows if "grad_cosine" in r for k in (
+        "loss_anchor", "intervention_anchor_step_dloss_other", "intervention_other_step_dloss_anchor"))
+    assert (run / "report" / "intervention.png").stat().st_size > 1000
+    from safetensors.torch import load_file
+
+    traj = load_file(str(run / "trajectory" / "final" / "model.safetensors"))
+    sft = _weights(run, "sft")
+    assert all(torch.equal(traj[k], sft[k]) for k in sft)
+    # RRT takes θf from the trajectory run itself (argmin runs it to the end).
+    assert json.loads((run / ".stages" / "rrt.json").read_text())["theta_f"] == str(run / "trajectory" / "final")
+    text = report.read_text()
+    assert "argmin of training accuracy over the whole trajectory (paper Eq. 1)" in text
+    assert "confirmed at" not in text and "max_new_tokens 6" in text
+    assert "θb is unreliable" in text  # tiny_config takes θb from a flat / truncated curve with on_bad_curve=warn
 
 
 def test_resume_after_a_crash_skips_finished_stages_and_gives_identical_results(root, clean_run, tmp_path,
@@ -132,7 +152,7 @@ def test_clear_errors_for_bad_data(root, tmp_path):
     nohead.write_text(json.dumps({"id": "a", "prompt": "1+1", "response": "2"}) + "\n")
     with pytest.raises(ValueError, match="answer"):
         run_pipeline(tiny_config(root, tmp_path / "run2", f"data.train={nohead}"), progress=False, log=lambda s: None)
-    with pytest.raises(ValueError, match="train.mode=ar"):
+    with pytest.raises(ValueError, match="model.selector"):
         run_pipeline(tiny_config(root, tmp_path / "run3", "train.mode=dllm"), progress=False, log=lambda s: None)
 
 
