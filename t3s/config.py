@@ -183,6 +183,24 @@ class DistributedConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a run executes on this machine (recorded in ``provenance.json``; never invalidates finished stages)."""
+
+    threads: int = 2
+    """CPU threads for torch / OpenMP / MKL, pinned for the whole run (with dynamic threading off). Results on
+    CPU are bit-identical only at the same thread count (and versions, BLAS, CPU type); a fixed default keeps a
+    run's numbers independent of the machine's core count and load. 0 = torch's default (all cores)."""
+    interop_threads: int = 1
+    """torch inter-op threads (parallelism between independent ops); 0 = torch's default."""
+    deterministic: bool = True
+    """``torch.use_deterministic_algorithms`` (warn-only: an op with no deterministic kernel warns, never fails),
+    cuDNN deterministic without benchmarking, and a fixed cuBLAS workspace."""
+    verify: str = "stat"
+    """Checking finished stages' outputs on a re-run: ``stat`` re-hashes a file only when its size or modification
+    time differs from the last hash taken (a size change is always caught); ``sha256`` re-reads every file."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/t3s"
     variants: list[str] = field(default_factory=lambda: ["sft", "t3s", "neg_t3s", "static_high_conf",
@@ -198,6 +216,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dllm: dict = field(default_factory=dict)
     """Options passed through to ``t3s.dllm.train_dllm`` when ``train.mode=dllm``."""
     demo: dict = field(default_factory=dict)
@@ -220,6 +239,7 @@ _CHOICES = {
     "bottleneck.method": ("online", "argmin", "fixed"),
     "distributed.strategy": ("fsdp2", "ddp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
+    "runtime.verify": ("stat", "sha256"),
 }
 
 
@@ -444,6 +464,9 @@ def validate(cfg: Config) -> Config:
     if cfg.bottleneck.method == "fixed" and cfg.bottleneck.step > cfg.train.steps:
         raise ConfigError(f"bottleneck.step={cfg.bottleneck.step} is after the last step (train.steps="
                           f"{cfg.train.steps})")
+    if cfg.runtime.threads < 0 or cfg.runtime.interop_threads < 0:
+        raise ConfigError(f"runtime.threads / runtime.interop_threads: must be >= 0 (0 = torch's default), got "
+                          f"{cfg.runtime.threads} / {cfg.runtime.interop_threads}")
     if cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({cfg.train.micro_batch_size})")

@@ -3,13 +3,19 @@
     sft_trajectory -> bottleneck -> profile_base -> profile_bottleneck -> delta -> select
       -> train_<variant> ... -> rrt -> eval_<model> ... -> [loss_transfer] -> report
 
-Each stage writes its outputs atomically and then its marker ``<run_dir>/.stages/<stage>.json``; a re-run
-skips every stage whose marker exists, so a killed run loses at most the stage in flight. Under ``torchrun``
+Before the first stage the whole run is checked (paths, model and tokenizer, data, held-out set, verifier,
+vocabulary bounds): a mistake fails in seconds, before the run directory exists. Each stage declares the config
+keys and input files it depends on and the outputs it writes (:class:`t3s.stages.Stage`); it writes its outputs
+atomically, then its marker ``<run_dir>/.stages/<stage>.json`` with those dependencies and the size and sha256
+of every output file. A re-run reuses a finished stage only while its dependencies are unchanged and its outputs
+intact, re-runs the others (and, through their outputs, whatever reads them) and says why; a killed run loses at
+most the stage in flight. ``redo=`` (``t3s run --redo STAGE``) re-runs named stages anyway. Under ``torchrun``
 every rank runs the pipeline, rank 0 writes the shared files and the markers.
 
 Run directory::
 
-    config.yaml                 the resolved config
+    config.yaml                 the resolved config of the latest run
+    provenance.json             threads, determinism, seed, library versions, BLAS, CPU / GPU (t3s.runtime)
     trajectory/                 baseline SFT from θ0: metrics.jsonl (loss, training accuracy), bottleneck/ (θb)
     bottleneck.json             θb's step and accuracy, how it was found
     profile/base, profile/bottleneck, delta/    c_t at θ0 and θb, Δc_t (Parquet + provenance)
@@ -26,7 +32,7 @@ import copy
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -37,47 +43,10 @@ from t3s.answers import get_verifier
 from t3s.config import Config, to_dict, to_yaml
 from t3s.data import IGNORE_INDEX, Record, TokenizedExample, load_records, tokenize_records
 from t3s.generate import subset_indices
-from t3s.io import mark_stage_done, read_json, stage_done, write_json_atomic, write_text_atomic
+from t3s.io import read_json, write_json_atomic, write_text_atomic
+from t3s.stages import Stage, resolve_redo, run_stages
 
 SELECTION_VARIANTS = ("t3s", "neg_t3s", "static_high_conf", "static_low_conf", "random")
-
-
-# Keys a re-run may change without invalidating finished stages: new variants are new stages.
-RESUMABLE_CHANGES = ("variants",)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resumable(run_dir: str | Path, cfg: Config, *, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse to resume ``run_dir`` with a config other than the one its finished stages were made with.
-
-    Reusing those stages would attribute old results to the new settings. Only ``variants`` may change;
-    ``ignore`` names dotted keys filled in later by the caller (the demo fills in its asset paths).
-    """
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        return
-    import yaml
-
-    old = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    new = _flatten(to_dict(cfg))
-    skip = set(RESUMABLE_CHANGES) | set(ignore)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in skip)
-    if changed:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
-        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
-        raise ValueError(
-            f"run_dir {run_dir} holds a run made with a different config ({shown}{more}); its finished stages would "
-            "not match the new settings. Use another run_dir=..., or delete that folder to start over."
-        )
 
 
 def _gold_checker(verifier: Callable[[str, str], bool]) -> Callable[[str, object], bool]:
@@ -95,7 +64,14 @@ def load_eval_records(path: str, *, format: str = "auto", adapter: str = "auto")
     except ValueError as e:
         if "response" not in str(e):
             raise
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from t3s.preflight import read_text_lines
+
+    rows = []
+    for line_no, line in read_text_lines(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
     out = []
     for i, row in enumerate(rows):
         prompt = next((row[k] for k in ("prompt", "question", "problem") if k in row), None)
@@ -148,15 +124,39 @@ class Pipeline:
     def _verifier(self):
         return _gold_checker(get_verifier(self.cfg.accuracy.verifier))
 
+    def _curve(self) -> dict[int, float]:
+        """``accuracy.curve`` as ``{step: accuracy}``; a malformed file is an error naming it."""
+        path = self.cfg.accuracy.curve
+        raw = read_json(path)
+        try:
+            return {int(k): float(v) for k, v in raw.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"accuracy.curve {path}: expected a JSON object {{step: accuracy}}") from None
+
+    def _accuracy_indices(self) -> list[int]:
+        return subset_indices(len(self.examples), self.cfg.accuracy.num_prompts, seed=self.cfg.train.seed)
+
+    @property
+    def heldout(self) -> tuple[list[Record], list[list[int]]]:
+        """The evaluated held-out records and their encoded prompts."""
+        if "heldout" not in self._cache:
+            from t3s.generate import encode_prompt
+
+            e, d = self.cfg.eval, self.cfg.data
+            if not d.heldout:
+                raise ValueError("data.heldout is not set: give held-out prompts with gold answers")
+            recs = load_eval_records(d.heldout, format=d.format, adapter=d.adapter)
+            recs = [recs[i] for i in subset_indices(len(recs), e.num_prompts, seed=0)]
+            self._cache["heldout"] = (recs, [encode_prompt(self.tokenizer, r.prompt) for r in recs])
+        return self._cache["heldout"]
+
     def accuracy_hook(self, *, use_curve: bool):
         """Training accuracy on a fixed subset of training prompts (or the precomputed curve)."""
         from t3s.train import accuracy_hook
 
         a = self.cfg.accuracy
-        curve = None
-        if use_curve and a.curve:
-            curve = {int(k): float(v) for k, v in read_json(a.curve).items()}
-        idx = subset_indices(len(self.examples), a.num_prompts, seed=self.cfg.train.seed)
+        curve = self._curve() if use_curve and a.curve else None
+        idx = self._accuracy_indices()
         prompts = [self.examples[i].input_ids[: self.examples[i].response_start] for i in idx]
         golds = [self.records[i].answer for i in idx]
         if curve is None and any(g is None for g in golds):
@@ -193,49 +193,114 @@ class Pipeline:
     def trained_variants(self) -> list[str]:
         return [v for v in self.cfg.variants if v != "rrt"]
 
-    def stages(self) -> list[tuple[str, Callable[[], dict | None]]]:
-        s: list[tuple[str, Callable]] = [
-            ("sft_trajectory", self.stage_trajectory),
-            ("bottleneck", self.stage_bottleneck),
-            ("profile_base", partial(self.stage_profile, "base")),
-            ("profile_bottleneck", partial(self.stage_profile, "bottleneck")),
-            ("delta", self.stage_delta),
-            ("select", self.stage_select),
+    def stages(self) -> list[Stage]:
+        """Every stage in order, with what it depends on and what it writes (see :mod:`t3s.stages`)."""
+        c, r = self.cfg, self.run_dir
+        tok = c.model.tokenizer or c.model.path
+        base = {"model.path": c.model.path, "tokenizer": tok, "data.train": c.data.train}
+        training = ("model", "data", "optim", "train")
+        traj = {"trajectory/summary.json": r / "trajectory" / "summary.json",
+                "trajectory/bottleneck": r / "trajectory" / "bottleneck"}
+        rules = self.selection_rules()
+        s = [
+            Stage("sft_trajectory", self.stage_trajectory,
+                  config=(*training, "accuracy", "bottleneck", "-accuracy.track_variants"),
+                  inputs={**base, "accuracy.curve": c.accuracy.curve}, outputs=("trajectory",)),
+            Stage("bottleneck", self.stage_bottleneck, config=(), inputs=traj, outputs=("bottleneck.json",)),
+            Stage("profile_base", partial(self.stage_profile, "base"), config=("model.dtype", "data"),
+                  inputs=base, outputs=("profile/base",)),
+            Stage("profile_bottleneck", partial(self.stage_profile, "bottleneck"), config=("model.dtype", "data"),
+                  inputs={"tokenizer": tok, "data.train": c.data.train,
+                          "trajectory/bottleneck": traj["trajectory/bottleneck"]}, outputs=("profile/bottleneck",)),
+            Stage("delta", self.stage_delta, config=(),
+                  inputs={f"profile/{w}": r / "profile" / w for w in ("base", "bottleneck")}, outputs=("delta",)),
+            Stage("select", self.stage_select, config=("select", "variants"), inputs={"delta": r / "delta"},
+                  outputs=tuple(f"selections/{rule}" for rule in rules)),
         ]
-        s += [(f"train_{v}", partial(self.stage_train, v)) for v in self.trained_variants()]
-        if "rrt" in self.cfg.variants:
-            s.append(("rrt", self.stage_rrt))
-        s += [(f"eval_{m}", partial(self.stage_eval, m)) for m in ["base", *self.cfg.variants]]
-        if self.cfg.diagnostics.loss_transfer:
-            s.append(("loss_transfer", self.stage_loss_transfer))
-        s.append(("report", self.stage_report))
+        for v in self.trained_variants():
+            with_dynamics = c.diagnostics.delta_prob and v in ("sft", "t3s")
+            inputs = dict(base)
+            if v in SELECTION_VARIANTS:
+                inputs[f"selections/{v}"] = r / "selections" / v
+            if with_dynamics:
+                inputs["selections/t3s"] = r / "selections" / "t3s"
+            acc = ("accuracy", "-accuracy.curve") if c.accuracy.track_variants else ("accuracy.track_variants",)
+            diag = ("diagnostics.delta_prob", "diagnostics.grad_stats", "diagnostics.num_examples") \
+                if with_dynamics else ("diagnostics.delta_prob",)
+            s.append(Stage(f"train_{v}", partial(self.stage_train, v), config=(*training, *acc, *diag),
+                           inputs=inputs, outputs=(f"variants/{v}",)))
+        if "rrt" in c.variants:
+            s.append(Stage("rrt", self.stage_rrt, config=(),
+                           inputs={"model.path": c.model.path, "tokenizer": tok,
+                                   "trajectory/bottleneck": traj["trajectory/bottleneck"],
+                                   "variants/sft/final": r / "variants" / "sft" / "final"},
+                           outputs=("variants/rrt",)))
+        for m in ["base", *c.variants]:
+            s.append(Stage(f"eval_{m}", partial(self.stage_eval, m),
+                           config=("eval", "accuracy.verifier", "model.dtype", "model.attn_implementation",
+                                   "data.format", "data.adapter"),
+                           inputs={"model": self.model_dir(m), "tokenizer": tok, "data.heldout": c.data.heldout},
+                           outputs=(f"eval/{m}.json",)))
+        if c.diagnostics.loss_transfer:
+            s.append(Stage("loss_transfer", self.stage_loss_transfer,
+                           config=(*training, "accuracy", "diagnostics", "-accuracy.curve"),
+                           inputs={**base, "delta": r / "delta", "selections/t3s": r / "selections" / "t3s"},
+                           outputs=("diagnostics/loss_transfer.json", "diagnostics/loss_transfer")))
+        # The report reads every earlier output and the whole config; rebuilding it is cheap.
+        report_inputs = {f"{st.name}:{out}": r / out for st in s for out in st.outputs}
+        s.append(Stage("report", self.stage_report, config=("",), inputs=report_inputs, outputs=("report",)))
         return s
 
-    def run(self) -> Path:
-        if self.cfg.train.mode != "ar":
-            raise ValueError("the pipeline trains and evaluates AR models (train.mode=ar); for block diffusion "
-                             "use `t3s train CONFIG train.mode=dllm --selection <dllm_targets selection>`")
+    def selection_rules(self) -> list[str]:
+        return ["t3s", *[v for v in self.cfg.variants if v in SELECTION_VARIANTS and v != "t3s"]]
+
+    def run(self, *, redo: Iterable[str] = ()) -> Path:
+        from t3s.runtime import apply_runtime, provenance
+
+        apply_runtime(self.cfg.runtime, self.cfg.train.seed)
         D.init_distributed(None if self.cfg.distributed.backend == "auto" else self.cfg.distributed.backend)
+        self.validate()  # on every rank (all fail alike), before anything is written
+        stages = self.stages()
+        resolve_redo(redo, stages)  # an unknown --redo name fails before the run directory exists
         if D.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._check_config()
+            write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            write_json_atomic(self.run_dir / "provenance.json", provenance(self.cfg.runtime, self.cfg.train.seed))
         D.barrier()
-        for name, fn in self.stages():
-            if D.broadcast_object(stage_done(self.run_dir, name)):
-                self.log(f"[t3s] {name}: done earlier, skipped")
-                continue
-            self.log(f"[t3s] {name} ...")
-            t0 = time.time()
-            info = fn() or {}
-            D.barrier()
-            if D.is_main():
-                mark_stage_done(self.run_dir, name, {"seconds": round(time.time() - t0, 2), **info})
-            D.barrier()
+        run_stages(self.run_dir, to_dict(self.cfg), stages, redo=redo, trust_stat=self.cfg.runtime.verify == "stat",
+                   log=self.log)
         return self.run_dir / "report" / "report.md"
 
-    def _check_config(self) -> None:
-        check_resumable(self.run_dir, self.cfg)
-        write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+    # ---- validation before the first stage --------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check everything a later stage needs, so a mistake costs seconds, not a trained stage."""
+        from t3s.preflight import (check_file, check_model_dir, check_tokenizer_dir, check_verifier,
+                                   check_vocabulary)
+
+        c = self.cfg
+        if c.train.mode != "ar":
+            raise ValueError("the pipeline trains and evaluates AR models (train.mode=ar); for block diffusion "
+                             "use `t3s train CONFIG train.mode=dllm --selection <dllm_targets selection>`")
+        if not c.data.train:
+            raise ValueError("data.train is not set: give the teacher traces (JSONL / Parquet / HF folder)")
+        check_file("data.train", c.data.train)
+        if not c.data.heldout:
+            raise ValueError("data.heldout is not set: give held-out prompts with gold answers (the eval stages "
+                             "need them; set it before training starts)")
+        check_file("data.heldout", c.data.heldout)
+        if c.accuracy.curve:
+            check_file("accuracy.curve", c.accuracy.curve)
+            self._curve()
+        check_model_dir("model.path", c.model.path)
+        check_tokenizer_dir("model.tokenizer" if c.model.tokenizer else "model.path", c.model.tokenizer or c.model.path)
+        check_verifier("accuracy.verifier", c.accuracy.verifier)
+        examples = self.examples  # loads and tokenizes the data: data errors surface now
+        if not c.accuracy.curve and any(self.records[i].answer is None for i in self._accuracy_indices()):
+            raise ValueError("training accuracy needs a gold answer on every training record (or accuracy.curve)")
+        check_vocabulary(c.model.path, self.tokenizer, (e.input_ids for e in examples), what="data.train")
+        _, prompts = self.heldout
+        check_vocabulary(c.model.path, self.tokenizer, prompts, what="data.heldout")
 
     def stage_trajectory(self) -> dict:
         """Baseline SFT from θ0 with training accuracy; θb is kept in trajectory/bottleneck."""
@@ -282,7 +347,7 @@ class Pipeline:
     def stage_select(self) -> dict:
         from t3s.select import format_stats, save_selection, select_tokens
 
-        rules = ["t3s", *[v for v in self.cfg.variants if v in SELECTION_VARIANTS and v != "t3s"]]
+        rules = self.selection_rules()
         s = self.cfg.select
         if D.is_main():
             for rule in rules:
@@ -329,17 +394,11 @@ class Pipeline:
 
     def stage_eval(self, name: str) -> dict:
         """Held-out accuracy of one model (greedy), plus the share of completions in each named style."""
-        from t3s.generate import answer_accuracy, encode_prompt
+        from t3s.generate import answer_accuracy
         from t3s.train import load_model
 
-        e, d = self.cfg.eval, self.cfg.data
-        if not d.heldout:
-            raise ValueError("data.heldout is not set: give held-out prompts with gold answers")
-        if "heldout" not in self._cache:
-            recs = load_eval_records(d.heldout, format=d.format, adapter=d.adapter)
-            recs = [recs[i] for i in subset_indices(len(recs), e.num_prompts, seed=0)]
-            self._cache["heldout"] = (recs, [encode_prompt(self.tokenizer, r.prompt) for r in recs])
-        recs, prompts = self._cache["heldout"]
+        e = self.cfg.eval
+        recs, prompts = self.heldout
         model = load_model(self.model_dir(name), dtype=self.cfg.model.dtype,
                            attn_implementation=self.cfg.model.attn_implementation, device=D.device())
         res = answer_accuracy(model, self.tokenizer, prompts, [r.answer for r in recs], verifier=self._verifier(),
@@ -407,6 +466,6 @@ class Pipeline:
         return {}
 
 
-def run_pipeline(cfg: Config, **kw) -> Path:
-    """Run (or resume) the whole pipeline; returns the report's path."""
-    return Pipeline(cfg, **kw).run()
+def run_pipeline(cfg: Config, *, redo: Iterable[str] = (), **kw) -> Path:
+    """Run (or resume) the whole pipeline; returns the report's path. ``redo``: stages to re-run anyway."""
+    return Pipeline(cfg, **kw).run(redo=redo)

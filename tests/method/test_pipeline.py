@@ -9,7 +9,7 @@ from _tiny import make_tiny, tiny_config
 from t3s.cli import main
 from t3s.config import load_config
 from t3s.io import stage_done
-from t3s.pipeline import Pipeline, check_resumable, run_pipeline
+from t3s.pipeline import Pipeline, run_pipeline
 
 VARIANTS = "variants=[sft,t3s,neg_t3s,static_low_conf,rrt]"
 
@@ -47,7 +47,7 @@ def clean_run(root, tmp_path_factory):
 def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     run, report = clean_run
     p = Pipeline(tiny_config(run.parent, run, VARIANTS, "diagnostics.loss_transfer=true"))
-    assert all(stage_done(run, name) for name, _ in p.stages())
+    assert all(stage_done(run, st.name) for st in p.stages())
     assert report.exists() and "Results (held-out, greedy)" in report.read_text()
     for png in ("training_dynamics", "delta_c", "group_dprob", "grad_stats"):
         assert (run / "report" / f"{png}.png").stat().st_size > 1000
@@ -136,18 +136,9 @@ def test_clear_errors_for_bad_data(root, tmp_path):
         run_pipeline(tiny_config(root, tmp_path / "run3", "train.mode=dllm"), progress=False, log=lambda s: None)
 
 
-def test_resuming_with_a_changed_config_is_refused(clean_run, capsys):
-    run, _ = clean_run
-    with pytest.raises(ValueError, match=r"optim\.lr.*another run_dir"):
-        check_resumable(run, load_config(run / "config.yaml", ["optim.lr=0.123"]))
-    check_resumable(run, load_config(run / "config.yaml", ["variants=[sft,t3s]"]))  # new variants only: fine
-    assert main(["run", str(run / "config.yaml"), "optim.lr=0.123", "--no-progress"]) != 0
-    assert "different config" in capsys.readouterr().err
-
-
 def test_cli_overrides_may_follow_flags_and_bad_flags_are_errors(clean_run, capsys):
     run, _ = clean_run
-    assert main(["run", str(run / "config.yaml"), "--no-progress", "optim.lr=0.123"]) == 2  # parsed as override
+    assert main(["run", str(run / "config.yaml"), "--no-progress", "optim.lr=-1"]) == 2  # parsed as override
     assert "optim.lr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", str(run / "config.yaml"), "--bogus"])
