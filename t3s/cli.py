@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from t3s.config import ConfigError, config_path, load_config
+
+_STARTED = time.time()  # reset by main(); the printed runtime covers the whole command
 
 
 def _offline() -> None:
@@ -55,7 +58,8 @@ def _print_result(cfg, report: Path, format_table) -> None:
 
     if D.is_main():
         print("\n" + format_table(cfg.run_dir, cfg) + "\n")
-        print(f"report: {report}")
+        minutes, seconds = divmod(round(time.time() - _STARTED), 60)
+        print(f"report: {report}  (this command: {minutes} min {seconds:02d} s)")
 
 
 def demo_config(overrides: list[str]):
@@ -173,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _STARTED
+    _STARTED = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     _offline()
     if argv and argv[0] in ("profile", "select"):  # their own parsers, owned by t3s.profile / t3s.select

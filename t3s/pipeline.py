@@ -255,7 +255,7 @@ class Pipeline:
         return ["t3s", *[v for v in self.cfg.variants if v in SELECTION_VARIANTS and v != "t3s"]]
 
     def run(self, *, redo: Iterable[str] = ()) -> Path:
-        from t3s.runtime import apply_runtime, provenance
+        from t3s.runtime import apply_runtime, provenance, runtime_state
 
         apply_runtime(self.cfg.runtime, self.cfg.train.seed)
         D.init_distributed(None if self.cfg.distributed.backend == "auto" else self.cfg.distributed.backend)
@@ -268,7 +268,7 @@ class Pipeline:
             write_json_atomic(self.run_dir / "provenance.json", provenance(self.cfg.runtime, self.cfg.train.seed))
         D.barrier()
         run_stages(self.run_dir, to_dict(self.cfg), stages, redo=redo, trust_stat=self.cfg.runtime.verify == "stat",
-                   log=self.log)
+                   log=self.log, record={"runtime": runtime_state()})
         return self.run_dir / "report" / "report.md"
 
     # ---- validation before the first stage --------------------------------------------------------------------

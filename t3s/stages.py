@@ -236,8 +236,11 @@ def resolve_redo(names: Iterable[str], stages: Iterable[Stage]) -> set[str]:
 
 
 def run_stages(run_dir: str | os.PathLike, config: Mapping, entries: Iterable[Stage | tuple], *,
-               redo: Iterable[str] = (), trust_stat: bool = True, log: Callable[[str], None] = print) -> list[str]:
+               redo: Iterable[str] = (), trust_stat: bool = True, log: Callable[[str], None] = print,
+               record: Mapping | None = None) -> list[str]:
     """Run every stage that is not reusable, in order; returns the names of the stages that ran.
+
+    ``record`` goes into each marker as is (the pipeline stores the threads and determinism in effect).
 
     Rank 0 decides and writes markers; every rank runs each stage (the stage itself decides who writes).
     """
@@ -265,7 +268,8 @@ def run_stages(run_dir: str | os.PathLike, config: Mapping, entries: Iterable[St
         info = stage.run() or {}
         D.barrier()
         if book:
-            book.finish(stage, {"finished_at": time.time(), "seconds": round(time.time() - t0, 2), "info": info})
+            book.finish(stage, {"finished_at": time.time(), "seconds": round(time.time() - t0, 2), "info": info,
+                                **dict(record or {})})
         D.barrier()
         ran.append(stage.name)
     return ran
