@@ -172,6 +172,7 @@ def _sha(path):
 def test_a_moved_or_differently_spelled_run_dir_resumes_everything(root, clean_run, tmp_path):
     moved = _copy(clean_run[0], tmp_path / "moved")
     (tmp_path / "sub").mkdir()
+    _rerun(root, moved)  # another test rebuilt this report with `t3s report`, which keeps no stage record
     for spelling in (f"{moved}/", f"{tmp_path}/sub/../moved"):
         ran, log = _rerun(root, spelling)
         assert ran == [], log
