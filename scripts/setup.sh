@@ -9,4 +9,10 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,hf,crosscheck]"
+# The tested versions (scripts/constraints.txt): the demo's numbers reproduce only with the same libraries.
+# T3S_UNPINNED=1 lets pip choose within pyproject.toml's bounds instead.
+if [ -n "${T3S_UNPINNED:-}" ]; then
+  python -m pip install -q -e ".[test,hf,crosscheck]"
+else
+  python -m pip install -q -e ".[test,hf,crosscheck]" -c scripts/constraints.txt
+fi

@@ -1,7 +1,10 @@
 """The ``t3s`` command.
 
-    t3s run CONFIG.yaml [key=value ...]     the whole pipeline (resumes a stopped run)
-    t3s demo [key=value ...]                the offline CPU demo (t3s/configs/demo.yaml)
+    t3s run CONFIG.yaml [key=value ...] [--redo STAGE]
+                                            the whole pipeline; a re-run reuses every finished stage whose
+                                            config keys, inputs and outputs are unchanged, and says why
+                                            it re-runs the others (--redo STAGE re-runs one anyway)
+    t3s demo [key=value ...] [--redo STAGE] the offline CPU demo (t3s/configs/demo.yaml)
     t3s train CONFIG.yaml [key=value ...] [--selection DIR] [--out DIR] [--mode ar|dllm]
                                             one training run (AR SFT / a selection, or block diffusion)
     t3s profile --model M --data D --out S  per-token confidence c_t of one checkpoint
@@ -17,9 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from t3s.config import ConfigError, config_path, load_config
+
+_STARTED = time.time()  # reset by main(); the printed runtime covers the whole command
 
 
 def _offline() -> None:
@@ -28,12 +34,21 @@ def _offline() -> None:
         os.environ.setdefault(k, "1")
 
 
+def _load(path, overrides: list[str]):
+    """The config, then the threading environment it asks for, set before torch is first imported."""
+    from t3s.runtime import pin_threading_env
+
+    cfg = load_config(path, overrides)
+    pin_threading_env(cfg.runtime.threads)
+    return cfg
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides)
     from t3s.pipeline import run_pipeline
     from t3s.report import format_table
 
-    cfg = load_config(args.config, args.overrides)
-    report = run_pipeline(cfg, progress=not args.no_progress)
+    report = run_pipeline(cfg, progress=not args.no_progress, redo=args.redo)
     _print_result(cfg, report, format_table)
     return 0
 
@@ -43,7 +58,8 @@ def _print_result(cfg, report: Path, format_table) -> None:
 
     if D.is_main():
         print("\n" + format_table(cfg.run_dir, cfg) + "\n")
-        print(f"report: {report}")
+        minutes, seconds = divmod(round(time.time() - _STARTED), 60)
+        print(f"report: {report}  (this command: {minutes} min {seconds:02d} s)")
 
 
 def demo_config(overrides: list[str]):
@@ -52,41 +68,53 @@ def demo_config(overrides: list[str]):
         path = config_path("demo")
     except ConfigError:
         path = None
-    return load_config(path, overrides)
+    return _load(path, overrides)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from t3s.demo import PretrainSpec, TaskSpec, TinyModelSpec, prepare_demo
-    from t3s.pipeline import check_resumable, run_pipeline
-    from t3s.report import format_table
-
     cfg = demo_config(args.overrides)
-    asset_keys = ("model.path", "model.tokenizer", "data.train", "data.heldout")
-    check_resumable(cfg.run_dir, cfg, ignore=asset_keys)  # before pretraining can overwrite the run's θ0
+    from t3s.demo import PretrainSpec, TaskSpec, TinyModelSpec, prepare_demo
+    from t3s.pipeline import run_pipeline
+    from t3s.preflight import check_kwargs
+    from t3s.report import format_table
+    from t3s.runtime import apply_runtime
+
+    specs = {"task": TaskSpec, "model": TinyModelSpec, "pretrain_spec": PretrainSpec}
+    check_kwargs("demo", prepare_demo, cfg.demo, nested=specs, reserved=("run_dir", "log"))
     kw = dict(cfg.demo)
-    for key, cls in (("task", TaskSpec), ("model", TinyModelSpec), ("pretrain_spec", PretrainSpec)):
+    for key, cls in specs.items():
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
+    apply_runtime(cfg.runtime, cfg.train.seed)  # θ0's pretraining is part of the run's numbers too
     assets = prepare_demo(cfg.run_dir, **kw)
     explicit = {o.split("=", 1)[0] for o in args.overrides}
-    for key, value in zip(asset_keys, (assets.base_model_dir, assets.tokenizer_dir, assets.train_path,
-                                       assets.heldout_path)):
+    for key, value in zip(("model.path", "model.tokenizer", "data.train", "data.heldout"),
+                          (assets.base_model_dir, assets.tokenizer_dir, assets.train_path, assets.heldout_path),
+                          strict=True):
         if key not in explicit:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, str(value))
     print(assets.description)
-    report = run_pipeline(cfg, progress=not args.no_progress, description=assets.description)
+    report = run_pipeline(cfg, progress=not args.no_progress, description=assets.description, redo=args.redo)
     _print_result(cfg, report, format_table)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides + ([f"train.mode={args.mode}"] if args.mode else []))
     from t3s.data import load_records, tokenize_records
+    from t3s.preflight import check_dllm, check_model_dir, check_tokenizer_dir
+    from t3s.runtime import apply_runtime
     from t3s.select import apply_selection, load_selection
     from t3s.train import load_tokenizer, run_dllm_training, run_training
 
-    cfg = load_config(args.config, args.overrides + ([f"train.mode={args.mode}"] if args.mode else []))
+    check_model_dir("model.path", cfg.model.path)
+    check_tokenizer_dir("model.tokenizer" if cfg.model.tokenizer else "model.path",
+                        cfg.model.tokenizer or cfg.model.path)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    if cfg.train.mode == "dllm":
+        check_dllm(cfg, tok)  # before any data is read or any output exists
+    apply_runtime(cfg.runtime, cfg.train.seed)
     d = cfg.data
     records = load_records(d.train, format=d.format, adapter=d.adapter, limit=d.max_examples, require_answer=False)
     examples = tokenize_records(records, tok, max_tokens=d.max_length, truncation=d.truncation)
@@ -119,16 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_overrides(sp, config: bool = True):
+    def with_overrides(sp, config: bool = True, redo: bool = False):
         if config:
             sp.add_argument("config", help="YAML config (see t3s/configs/default.yaml)")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if redo:
+            sp.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                            help="re-run this stage even if finished (repeatable; patterns like 'eval_*'); "
+                                 "later stages re-run when its outputs change")
         return sp
 
-    with_overrides(sub.add_parser("run", help="run or resume the whole pipeline")).set_defaults(fn=cmd_run)
-    with_overrides(sub.add_parser("demo", help="offline CPU demo (about 10 minutes on 2 cores)"),
-                   config=False).set_defaults(fn=cmd_demo)
+    with_overrides(sub.add_parser("run", help="run or resume the whole pipeline"), redo=True).set_defaults(
+        fn=cmd_run)
+    with_overrides(sub.add_parser("demo", help="offline CPU demo (runtime: see README)"), config=False,
+                   redo=True).set_defaults(fn=cmd_demo)
     tr = with_overrides(sub.add_parser("train", help="one training run (SFT, a selection, or dLLM)"))
     tr.add_argument("--selection", help="selection folder from `t3s select` (per-token weights / dLLM targets)")
     tr.add_argument("--out", help="output folder (default RUN_DIR/train)")
@@ -144,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _STARTED
+    _STARTED = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     _offline()
     if argv and argv[0] in ("profile", "select"):  # their own parsers, owned by t3s.profile / t3s.select

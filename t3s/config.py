@@ -261,6 +261,24 @@ class DistributedConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How a run executes on this machine (recorded in ``provenance.json``; never invalidates finished stages)."""
+
+    threads: int = 2
+    """CPU threads for torch / OpenMP / MKL, pinned for the whole run (with dynamic threading off). Results on
+    CPU are bit-identical only at the same thread count (and versions, BLAS, CPU type); a fixed default keeps a
+    run's numbers independent of the machine's core count and load. 0 = torch's default (all cores)."""
+    interop_threads: int = 1
+    """torch inter-op threads (parallelism between independent ops); 0 = torch's default."""
+    deterministic: bool = True
+    """``torch.use_deterministic_algorithms`` (warn-only: an op with no deterministic kernel warns, never fails),
+    cuDNN deterministic without benchmarking, and a fixed cuBLAS workspace."""
+    verify: str = "stat"
+    """Checking finished stages' outputs on a re-run: ``stat`` re-hashes a file only when its size or modification
+    time differs from the last hash taken (a size change is always caught); ``sha256`` re-reads every file."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/t3s"
     variants: list[str] = field(default_factory=lambda: ["sft", "t3s", "neg_t3s", "static_high_conf",
@@ -277,6 +295,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dllm: dict = field(default_factory=dict)
     """Options of ``t3s.dllm.DLLMConfig`` when ``train.mode=dllm`` (``mask_token_id``, ``block_size``,
     ``weight_mode`` (default ``uniform``: the paper's Eq. 10, an unweighted sum over the union mask), ...)."""
@@ -302,6 +321,7 @@ _CHOICES = {
     "bottleneck.on_bad_curve": ("error", "warn"),
     "distributed.strategy": ("fsdp2", "ddp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
+    "runtime.verify": ("stat", "sha256"),
 }
 
 
@@ -539,6 +559,9 @@ def validate(cfg: Config) -> Config:
     if cfg.bottleneck.method == "fixed" and cfg.bottleneck.step > cfg.train.steps:
         raise ConfigError(f"bottleneck.step={cfg.bottleneck.step} is after the last step (train.steps="
                           f"{cfg.train.steps})")
+    if cfg.runtime.threads < 0 or cfg.runtime.interop_threads < 0:
+        raise ConfigError(f"runtime.threads / runtime.interop_threads: must be >= 0 (0 = torch's default), got "
+                          f"{cfg.runtime.threads} / {cfg.runtime.interop_threads}")
     if cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({cfg.train.micro_batch_size})")

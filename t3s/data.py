@@ -274,18 +274,19 @@ def adapt_row(
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {line_no}: not valid JSON ({err.msg})") from None
+    from t3s.preflight import read_text_lines  # bad bytes are an error naming the file and line
+
+    for line_no, line in read_text_lines(path):
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {line_no}: not valid JSON ({err.msg})") from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    from t3s.io import read_json
+
+    data = read_json(path)  # names the file on bad bytes or bad JSON
     if isinstance(data, dict):  # {"data": [...]} or a column-oriented dict
         data = data.get("data", data.get("train", data))
     if isinstance(data, dict):

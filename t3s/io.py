@@ -1,13 +1,15 @@
-"""Atomic file writes and stage bookkeeping for run directories.
+"""Atomic file writes, content hashes and stage markers for run directories.
 
-Every output is written to a temporary file in the destination folder and renamed into place, so a crash
-never leaves a half-written file that looks complete. A stage is finished when its marker
-``<run_dir>/.stages/<name>.json`` exists; markers are written last, after the stage's outputs.
+Every output is written to a temporary file in the destination folder, flushed to disk (``fsync`` of the file,
+then of its folder after the rename), and renamed into place, so neither a crash nor a power loss leaves a
+half-written file that looks complete. A stage's marker ``<run_dir>/.stages/<name>.json`` is written last,
+after its outputs; what it records (dependencies, output sizes and sha256) is decided by ``t3s.stages``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +29,33 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (folders: so a rename inside them survives a power loss)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. folders cannot be opened on some platforms: nothing more can be done portably
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (e.g. certain network mounts) refuse fsync on folders
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """``fsync`` a file, or every file and folder under a folder (bottom-up)."""
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                _fsync_path(Path(root) / name)
+            for name in dirs:
+                _fsync_path(Path(root) / name)
+    _fsync_path(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it."""
@@ -42,6 +71,7 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should get the usual permissions
     try:
         yield tmp
+        fsync_tree(tmp)  # the data is on disk before the name points at it
         if is_dir and path.exists():
             # os.replace cannot replace a non-empty folder: move the old one aside first, then drop it.
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
@@ -50,6 +80,7 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync_path(path.parent)  # the rename itself is durable
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -74,7 +105,42 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON file; a truncated or corrupt file is a ``ValueError`` that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); the file is "
+                         "truncated or corrupt") from None
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_temporary(name: str) -> bool:
+    """Names of this module's temporary files and folders (never part of an output)."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".old." in name)
+
+
+def list_files(path: str | os.PathLike) -> list[Path]:
+    """The files of an output: ``path`` itself, or every file under the folder, sorted, temporaries skipped."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not is_temporary(d))
+        out += [Path(root) / f for f in sorted(files) if not is_temporary(f)]
+    return out
 
 
 def write_parquet_atomic(path: str | os.PathLike, table: Any) -> Path:
@@ -95,13 +161,20 @@ def _marker(run_dir: str | os.PathLike, stage: str) -> Path:
 
 
 def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:
-    """Whether ``stage`` finished in ``run_dir`` (its marker exists)."""
+    """Whether ``stage`` finished in ``run_dir`` (its marker exists; ``t3s.stages`` also checks what it records)."""
     return _marker(run_dir, stage).exists()
 
 
 def stage_info(run_dir: str | os.PathLike, stage: str) -> dict | None:
+    """The stage's marker, or None when it is missing or unreadable (an unreadable marker = not finished)."""
     marker = _marker(run_dir, stage)
-    return read_json(marker) if marker.exists() else None
+    if not marker.exists():
+        return None
+    try:
+        info = read_json(marker)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def mark_stage_done(run_dir: str | os.PathLike, stage: str, info: dict | None = None) -> None:

@@ -15,13 +15,19 @@ curve is checked before θb is taken from it (:func:`t3s.bottleneck.check_curve`
 ``eval_*`` decode held-out prompts with :func:`t3s.dllm.diffusion_generate` (block-by-block denoising in the
 training layout) and check the answers.
 
-Each stage writes its outputs atomically and then its marker ``<run_dir>/.stages/<stage>.json``; a re-run
-skips every stage whose marker exists, so a killed run loses at most the stage in flight. Under ``torchrun``
+Before the first stage the whole run is checked (paths, model and tokenizer, data, held-out set, verifier,
+vocabulary bounds): a mistake fails in seconds, before the run directory exists. Each stage declares the config
+keys and input files it depends on and the outputs it writes (:class:`t3s.stages.Stage`); it writes its outputs
+atomically, then its marker ``<run_dir>/.stages/<stage>.json`` with those dependencies and the size and sha256
+of every output file. A re-run reuses a finished stage only while its dependencies are unchanged and its outputs
+intact, re-runs the others (and, through their outputs, whatever reads them) and says why; a killed run loses at
+most the stage in flight. ``redo=`` (``t3s run --redo STAGE``) re-runs named stages anyway. Under ``torchrun``
 every rank runs the pipeline, rank 0 writes the shared files and the markers.
 
 Run directory::
 
-    config.yaml                 the resolved config
+    config.yaml                 the resolved config of the latest run
+    provenance.json             threads, determinism, seed, library versions, BLAS, CPU / GPU (t3s.runtime)
     trajectory/                 baseline SFT from θ0: metrics.jsonl (loss, training accuracy, truncated shares),
                                 evaluation.json (generation settings), bottleneck/ (θb), final/ (θf, full runs)
     bottleneck.json             θb's step and accuracy, how it was found
@@ -38,8 +44,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -50,47 +55,10 @@ from t3s.answers import get_verifier
 from t3s.config import Config, check_dllm_pipeline, to_dict, to_yaml
 from t3s.data import IGNORE_INDEX, Record, TokenizedExample, load_records, tokenize_records
 from t3s.generate import SamplingConfig, derive_max_new_tokens, model_context_length, subset_indices
-from t3s.io import atomic_path, mark_stage_done, read_json, stage_done, write_json_atomic, write_text_atomic
+from t3s.io import atomic_path, read_json, write_json_atomic, write_text_atomic
+from t3s.stages import Stage, resolve_redo, run_stages
 
 SELECTION_VARIANTS = ("t3s", "neg_t3s", "static_high_conf", "static_low_conf", "random")
-
-
-# Keys a re-run may change without invalidating finished stages: new variants are new stages.
-RESUMABLE_CHANGES = ("variants",)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resumable(run_dir: str | Path, cfg: Config, *, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse to resume ``run_dir`` with a config other than the one its finished stages were made with.
-
-    Reusing those stages would attribute old results to the new settings. Only ``variants`` may change;
-    ``ignore`` names dotted keys filled in later by the caller (the demo fills in its asset paths).
-    """
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        return
-    import yaml
-
-    old = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    new = _flatten(to_dict(cfg))
-    skip = set(RESUMABLE_CHANGES) | set(ignore)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in skip)
-    if changed:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
-        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
-        raise ValueError(
-            f"run_dir {run_dir} holds a run made with a different config ({shown}{more}); its finished stages would "
-            "not match the new settings. Use another run_dir=..., or delete that folder to start over."
-        )
 
 
 def _gold_checker(verifier: Callable[[str, str], bool]) -> Callable[[str, object], bool]:
@@ -108,7 +76,14 @@ def load_eval_records(path: str, *, format: str = "auto", adapter: str = "auto")
     except ValueError as e:
         if "response" not in str(e):
             raise
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from t3s.preflight import read_text_lines
+
+    rows = []
+    for line_no, line in read_text_lines(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
     out = []
     for i, row in enumerate(rows):
         prompt = next((row[k] for k in ("prompt", "question", "problem") if k in row), None)
@@ -248,14 +223,35 @@ class Pipeline:
             return str(e)
         return None
 
+    def _curve(self) -> dict[int, float]:
+        """``accuracy.curve`` as ``{step: accuracy}``; a malformed file is an error naming it."""
+        path = self.cfg.accuracy.curve
+        raw = read_json(path)
+        try:
+            return {int(k): float(v) for k, v in raw.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"accuracy.curve {path}: expected a JSON object {{step: accuracy}}") from None
+
+    @property
+    def heldout(self) -> tuple[list[Record], list[list[int]]]:
+        """The evaluated held-out records and their encoded prompts."""
+        if "heldout" not in self._cache:
+            from t3s.generate import encode_prompt
+
+            e, d = self.cfg.eval, self.cfg.data
+            if not d.heldout:
+                raise ValueError("data.heldout is not set: give held-out prompts with gold answers")
+            recs = load_eval_records(d.heldout, format=d.format, adapter=d.adapter)
+            recs = [recs[i] for i in subset_indices(len(recs), e.num_prompts, seed=0)]
+            self._cache["heldout"] = (recs, [encode_prompt(self.tokenizer, r.prompt) for r in recs])
+        return self._cache["heldout"]
+
     def accuracy_hook(self, *, use_curve: bool):
         """Training accuracy on a fixed subset of training prompts (or the precomputed curve)."""
         from t3s.train import accuracy_hook
 
         a = self.cfg.accuracy
-        curve = None
-        if use_curve and a.curve:
-            curve = {int(k): float(v) for k, v in read_json(a.curve).items()}
+        curve = self._curve() if use_curve and a.curve else None
         idx = self._accuracy_subset()
         prompts = [self.examples[i].input_ids[: self.examples[i].response_start] for i in idx]
         golds = [self.records[i].answer for i in idx]
@@ -295,24 +291,85 @@ class Pipeline:
     def trained_variants(self) -> list[str]:
         return [v for v in self.cfg.variants if v != "rrt"]
 
-    def stages(self) -> list[tuple[str, Callable[[], dict | None]]]:
-        s: list[tuple[str, Callable]] = [("sft_trajectory", self.stage_trajectory)]
+    def stages(self) -> list[Stage]:
+        """Every stage in order, with what it depends on and what it writes (see :mod:`t3s.stages`)."""
+        c, r = self.cfg, self.run_dir
+        tok = c.model.tokenizer or c.model.path
+        # the AR runs (trajectory, θb, profiling) use the selector in dLLM mode; the trained variants the student
+        ar_base = {"model.path": self.ar_cfg.model.path, "tokenizer": tok, "data.train": c.data.train}
+        base = {"model.path": c.model.path, "tokenizer": tok, "data.train": c.data.train}
+        training = ("model", "data", "optim", "train")
+        traj = {"trajectory/summary.json": r / "trajectory" / "summary.json",
+                "trajectory/bottleneck": r / "trajectory" / "bottleneck"}
+        rules = self.selection_rules()
         if self.offline_accuracy:
-            s.append(("trajectory_eval", self.stage_trajectory_eval))
+            # trajectory_eval appends to metrics.jsonl and bottleneck copies θb out of checkpoints/ afterwards:
+            # the trajectory's own record covers only what no later stage touches
+            traj_outputs = ("trajectory/summary.json", "trajectory/evaluation.json", "trajectory/final")
+            bn_outputs = ("bottleneck.json", "trajectory/bottleneck")
+        else:
+            traj_outputs, bn_outputs = ("trajectory",), ("bottleneck.json",)
+        s = [Stage("sft_trajectory", self.stage_trajectory,
+                   config=(*training, "accuracy", "bottleneck", "generation", "-accuracy.track_variants"),
+                   inputs={**ar_base, "accuracy.curve": c.accuracy.curve}, outputs=traj_outputs)]
+        if self.offline_accuracy:
+            s.append(Stage("trajectory_eval", self.stage_trajectory_eval, config=("accuracy", "generation"),
+                           inputs={"trajectory/summary.json": traj["trajectory/summary.json"]},
+                           outputs=("trajectory/accuracy",)))
         s += [
-            ("bottleneck", self.stage_bottleneck),
-            ("profile_base", partial(self.stage_profile, "base")),
-            ("profile_bottleneck", partial(self.stage_profile, "bottleneck")),
-            ("delta", self.stage_delta),
-            ("select", self.stage_select),
+            Stage("bottleneck", self.stage_bottleneck, config=("bottleneck", "accuracy.max_truncated_fraction"),
+                  inputs={**traj, "trajectory/metrics.jsonl": r / "trajectory" / "metrics.jsonl"},
+                  outputs=bn_outputs),
+            Stage("profile_base", partial(self.stage_profile, "base"), config=("model.dtype", "data"),
+                  inputs=ar_base, outputs=("profile/base",)),
+            Stage("profile_bottleneck", partial(self.stage_profile, "bottleneck"), config=("model.dtype", "data"),
+                  inputs={"tokenizer": tok, "data.train": c.data.train,
+                          "trajectory/bottleneck": traj["trajectory/bottleneck"]}, outputs=("profile/bottleneck",)),
+            Stage("delta", self.stage_delta, config=(),
+                  inputs={f"profile/{w}": r / "profile" / w for w in ("base", "bottleneck")}, outputs=("delta",)),
+            Stage("select", self.stage_select, config=("select", "variants"), inputs={"delta": r / "delta"},
+                  outputs=tuple(f"selections/{rule}" for rule in rules)),
         ]
-        s += [(f"train_{v}", partial(self.stage_train, v)) for v in self.trained_variants()]
-        if "rrt" in self.cfg.variants:
-            s.append(("rrt", self.stage_rrt))
-        s += [(f"eval_{m}", partial(self.stage_eval, m)) for m in ["base", *self.cfg.variants]]
-        if self.cfg.diagnostics.loss_transfer:
-            s.append(("loss_transfer", self.stage_loss_transfer))
-        s.append(("report", self.stage_report))
+        for v in self.trained_variants():
+            with_dynamics = c.diagnostics.delta_prob and v in ("sft", "t3s") and not self.dllm
+            inputs = dict(base)
+            if self.dllm and v == "t3s":
+                inputs["selections/dllm_targets"] = r / "selections" / "dllm_targets"
+            elif v in SELECTION_VARIANTS:
+                inputs[f"selections/{v}"] = r / "selections" / v
+            if with_dynamics:
+                inputs["selections/t3s"] = r / "selections" / "t3s"
+            acc = ("accuracy", "-accuracy.curve") if c.accuracy.track_variants else ("accuracy.track_variants",)
+            diag = ("diagnostics.delta_prob", "diagnostics.grad_stats", "diagnostics.num_examples") \
+                if with_dynamics else ("diagnostics.delta_prob",)
+            if v == "sft":
+                diag = (*diag, "diagnostics.anchor_intervention", "diagnostics.intervention_lr")
+            s.append(Stage(f"train_{v}", partial(self.stage_train, v),
+                           config=(*training, *acc, *diag, *(("dllm",) if self.dllm else ())),
+                           inputs=inputs, outputs=(f"variants/{v}",)))
+        if "rrt" in c.variants:  # θf: the trajectory's own final checkpoint, or the SFT variant's (rrt_final_source)
+            s.append(Stage("rrt", self.stage_rrt, config=(),
+                           inputs={"model.path": c.model.path, "tokenizer": tok,
+                                   "trajectory/bottleneck": traj["trajectory/bottleneck"],
+                                   "trajectory/final": r / "trajectory" / "final",
+                                   "variants/sft/final": r / "variants" / "sft" / "final"},
+                           outputs=("variants/rrt",)))
+        for m in ["base", *c.variants]:
+            s.append(Stage(f"eval_{m}", partial(self.stage_eval, m),
+                           config=("eval", "accuracy.verifier", "model.dtype", "model.attn_implementation",
+                                   "model.trust_remote_code", "generation", "data.format", "data.adapter",
+                                   *(("dllm",) if self.dllm else ())),
+                           inputs={"model": self.model_dir(m), "tokenizer": tok, "data.heldout": c.data.heldout,
+                                   "data.train": c.data.train},  # max_new_tokens may derive from the traces
+                           outputs=(f"eval/{m}.json",)))
+        if c.diagnostics.loss_transfer:
+            s.append(Stage("loss_transfer", self.stage_loss_transfer,
+                           config=(*training, "accuracy", "diagnostics", "-accuracy.curve"),
+                           inputs={**base, "delta": r / "delta", "selections/t3s": r / "selections" / "t3s"},
+                           outputs=("diagnostics/loss_transfer.json", "diagnostics/loss_transfer")))
+        # The report reads every earlier output and the whole config; rebuilding it is cheap.
+        report_inputs = {f"{st.name}:{out}": r / out for st in s for out in st.outputs}
+        s.append(Stage("report", self.stage_report, config=("",), inputs=report_inputs, outputs=("report",)))
         return s
 
     @property
@@ -320,33 +377,65 @@ class Pipeline:
         """Training accuracy measured on saved checkpoints after the trajectory (vLLM), not inside it."""
         return self.cfg.generation.backend == "vllm" and not self.cfg.accuracy.curve
 
-    def run(self) -> Path:
+    def selection_rules(self) -> list[str]:
         if self.dllm:
-            check_dllm_pipeline(self.cfg)
-            if D.launched_distributed():
-                raise ValueError("train.mode=dllm: the block-diffusion trainer runs on a single process; launch "
-                                 "`t3s run` without torchrun")
+            return ["dllm_targets"]
+        return ["t3s", *[v for v in self.cfg.variants if v in SELECTION_VARIANTS and v != "t3s"]]
+
+    def run(self, *, redo: Iterable[str] = ()) -> Path:
+        from t3s.runtime import apply_runtime, provenance, runtime_state
+
+        apply_runtime(self.cfg.runtime, self.cfg.train.seed)
+        if self.dllm and D.launched_distributed():
+            raise ValueError("train.mode=dllm: the block-diffusion trainer runs on a single process; launch "
+                             "`t3s run` without torchrun")
         D.init_distributed(None if self.cfg.distributed.backend == "auto" else self.cfg.distributed.backend)
+        self.validate()  # on every rank (all fail alike), before anything is written
+        stages = self.stages()
+        resolve_redo(redo, stages)  # an unknown --redo name fails before the run directory exists
         if D.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._check_config()
+            write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            write_json_atomic(self.run_dir / "provenance.json", provenance(self.cfg.runtime, self.cfg.train.seed))
         D.barrier()
-        for name, fn in self.stages():
-            if D.broadcast_object(stage_done(self.run_dir, name)):
-                self.log(f"[t3s] {name}: done earlier, skipped")
-                continue
-            self.log(f"[t3s] {name} ...")
-            t0 = time.time()
-            info = fn() or {}
-            D.barrier()
-            if D.is_main():
-                mark_stage_done(self.run_dir, name, {"seconds": round(time.time() - t0, 2), **info})
-            D.barrier()
+        run_stages(self.run_dir, to_dict(self.cfg), stages, redo=redo, trust_stat=self.cfg.runtime.verify == "stat",
+                   log=self.log, record={"runtime": runtime_state()})
         return self.run_dir / "report" / "report.md"
 
-    def _check_config(self) -> None:
-        check_resumable(self.run_dir, self.cfg)
-        write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+    # ---- validation before the first stage --------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check everything a later stage needs, so a mistake costs seconds, not a trained stage."""
+        from t3s.preflight import (check_file, check_model_dir, check_tokenizer_dir, check_verifier,
+                                   check_vocabulary)
+
+        c = self.cfg
+        if self.dllm:
+            check_dllm_pipeline(c)
+        if not c.data.train:
+            raise ValueError("data.train is not set: give the teacher traces (JSONL / Parquet / HF folder)")
+        check_file("data.train", c.data.train)
+        if not c.data.heldout:
+            raise ValueError("data.heldout is not set: give held-out prompts with gold answers (the eval stages "
+                             "need them; set it before training starts)")
+        check_file("data.heldout", c.data.heldout)
+        if c.accuracy.curve:
+            check_file("accuracy.curve", c.accuracy.curve)
+            self._curve()
+        check_model_dir("model.path", c.model.path)
+        if self.dllm:
+            from t3s.preflight import check_dllm
+
+            check_model_dir("model.selector", c.model.selector)
+            check_dllm(c, self.tokenizer)
+        check_tokenizer_dir("model.tokenizer" if c.model.tokenizer else "model.path", c.model.tokenizer or c.model.path)
+        check_verifier("accuracy.verifier", c.accuracy.verifier)
+        examples = self.examples  # loads and tokenizes the data: data errors surface now
+        if not c.accuracy.curve and any(self.records[i].answer is None for i in self._accuracy_subset()):
+            raise ValueError("training accuracy needs a gold answer on every training record (or accuracy.curve)")
+        check_vocabulary(c.model.path, self.tokenizer, (e.input_ids for e in examples), what="data.train")
+        _, prompts = self.heldout
+        check_vocabulary(c.model.path, self.tokenizer, prompts, what="data.heldout")
 
     def stage_trajectory(self) -> dict:
         """Baseline SFT from θ0 (the AR selector in dLLM mode) with training accuracy; θb, θf in trajectory/."""
@@ -510,10 +599,7 @@ class Pipeline:
     def stage_select(self) -> dict:
         from t3s.select import format_stats, save_selection, select_tokens
 
-        if self.dllm:
-            rules = ["dllm_targets"]
-        else:
-            rules = ["t3s", *[v for v in self.cfg.variants if v in SELECTION_VARIANTS and v != "t3s"]]
+        rules = self.selection_rules()
         s = self.cfg.select
         if D.is_main():
             for rule in rules:
@@ -596,18 +682,6 @@ class Pipeline:
     def model_dir(self, name: str) -> str:
         return self.cfg.model.path if name == "base" else str(self.run_dir / "variants" / name / "final")
 
-    def _heldout(self) -> tuple[list[Record], list[list[int]]]:
-        e, d = self.cfg.eval, self.cfg.data
-        if not d.heldout:
-            raise ValueError("data.heldout is not set: give held-out prompts with gold answers")
-        if "heldout" not in self._cache:
-            from t3s.generate import encode_prompt
-
-            recs = load_eval_records(d.heldout, format=d.format, adapter=d.adapter)
-            recs = [recs[i] for i in subset_indices(len(recs), e.num_prompts, seed=0)]
-            self._cache["heldout"] = (recs, [encode_prompt(self.tokenizer, r.prompt) for r in recs])
-        return self._cache["heldout"]
-
     def _eval_backend(self, name: str):
         """The generation backend for one evaluated model (HF / vLLM; diffusion decoding in dLLM mode)."""
         from t3s.generate import HFBackend, VLLMBackend, stop_token_ids
@@ -640,7 +714,7 @@ class Pipeline:
         from t3s.generate import answer_accuracy
 
         e = self.cfg.eval
-        recs, prompts = self._heldout()
+        recs, prompts = self.heldout
         sampling, info = self.sampling("eval", [len(p) for p in prompts], self.model_dir(name))
         with self._eval_backend(name) as backend:
             res = answer_accuracy(backend, self.tokenizer, prompts, [r.answer for r in recs],
@@ -713,6 +787,6 @@ class Pipeline:
         return {}
 
 
-def run_pipeline(cfg: Config, **kw) -> Path:
-    """Run (or resume) the whole pipeline; returns the report's path."""
-    return Pipeline(cfg, **kw).run()
+def run_pipeline(cfg: Config, *, redo: Iterable[str] = (), **kw) -> Path:
+    """Run (or resume) the whole pipeline; returns the report's path. ``redo``: stages to re-run anyway."""
+    return Pipeline(cfg, **kw).run(redo=redo)

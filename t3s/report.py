@@ -381,9 +381,20 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                 md.append(f"- **{LABELS.get(k, k)}** ({'✓' if s['correct'] else '✗'}) `{s['prompt']}` → "
                           f"`{s['completion'][:200]}`")
         md.append("")
+    prov_path = Path(run_dir) / "provenance.json"
+    prov = read_json(prov_path) if prov_path.exists() else None
+    if prov:  # what decides the numbers besides the config (t3s.runtime.provenance)
+        eff, v, b = prov["in_effect"], prov["versions"], prov["blas"]
+        md += ["## Reproducibility", "",
+               f"Seed {prov['seed']}; {eff['torch_threads']} CPU threads (inter-op {eff['torch_interop_threads']}), "
+               f"deterministic algorithms {'on' if eff['deterministic_algorithms'] else 'off'}; "
+               + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+               + f"; BLAS {b.get('blas_info')} {b.get('mkl') or b.get('openblas') or ''} ({b.get('cpu_capability')})"
+               f"; {prov['machine']['cpu']}{', ' + prov['machine']['gpu'] if prov['machine'].get('gpu') else ''}. "
+               f"Bit-identical numbers need {prov['reproducible_when']}.", ""]
     write_json_atomic(out / "results.json", {"rows": rows, "bottleneck": bn, "delta_c": delta_stats,
                                               "warnings": warnings, "accuracy_settings": data.get("accuracy_settings"),
-                                              "mode": mode,
+                                              "mode": mode, "provenance": prov,
                                               "selections": data["selections"],
                                               "loss_transfer": data["loss_transfer"],
                                               "plots": {k: str(p) if p else None for k, p in plots.items()}})

@@ -1,0 +1,121 @@
+"""What decides a run's numbers besides its config: thread counts, deterministic kernels, seeds, versions.
+
+On CPU, a float reduction's result depends on how it is split across threads; MKL and OpenMP may change the
+split with the machine's load when dynamic threading is on, and torch's default thread count is the core
+count. :func:`pin_threading_env` (called by the ``t3s`` command before torch is imported) turns dynamic
+threading off; :func:`apply_runtime` pins the thread counts from ``runtime.*``, turns on deterministic
+algorithms and seeds every RNG; :func:`provenance` records all of it with the library versions and the BLAS
+in the run directory (``provenance.json``) and the report.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import re
+import sys
+from typing import Any
+
+# Set before torch (and with it OpenMP / MKL) initialises; setdefault keeps a user's explicit choice.
+THREADING_ENV = {"OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def pin_threading_env(threads: int | None = None) -> None:
+    """Dynamic threading off (and, given ``threads``, the OpenMP / MKL pool size) before torch is imported."""
+    for k, v in THREADING_ENV.items():
+        os.environ.setdefault(k, v)
+    if threads:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(k, str(threads))
+
+
+def apply_runtime(runtime: Any, seed: int) -> dict:
+    """Pin threads, enable deterministic algorithms and seed Python / NumPy / torch; returns what is in effect."""
+    import numpy as np
+    import torch
+
+    pin_threading_env()  # harmless if torch already initialised its pools; effective for child processes
+    if runtime.threads:
+        torch.set_num_threads(int(runtime.threads))
+    if runtime.interop_threads and torch.get_num_interop_threads() != runtime.interop_threads:
+        try:
+            torch.set_num_interop_threads(int(runtime.interop_threads))
+        except RuntimeError:
+            pass  # only settable before the first inter-op parallel work; provenance records the real value
+    if runtime.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return runtime_state()
+
+
+def runtime_state() -> dict:
+    import torch
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "env": {k: os.environ.get(k) for k in (*THREADING_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                               "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED")},
+    }
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def blas_info() -> dict:
+    """BLAS / LAPACK / OpenMP / oneDNN as torch was built, from ``torch.__config__``."""
+    import torch
+
+    show = torch.__config__.show()
+    info = {k.lower(): v for k, v in re.findall(r"(BLAS_INFO|LAPACK_INFO)=([^,\s]+)", show)}
+    for pattern, key in ((r"Math Kernel Library Version ([^\n]+)", "mkl"), (r"OpenBLAS ([^\n]+)", "openblas"),
+                         (r"MKL-DNN (v[^\s]+)", "onednn"), (r"OpenMP (\d+)", "openmp")):
+        m = re.search(pattern, show)
+        if m:
+            info[key] = m.group(1).strip()
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(runtime: Any, seed: int) -> dict:
+    """Everything that decides the run's numbers besides its config and data, as one JSON-able dict."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "runtime": {"threads": runtime.threads, "interop_threads": runtime.interop_threads,
+                    "deterministic": runtime.deterministic},
+        "in_effect": runtime_state(),
+        "seed": seed,
+        "versions": {"python": sys.version.split()[0], "t3s": _version("t3s"), "torch": torch.__version__,
+                     **{n: _version(n) for n in ("transformers", "numpy", "triton", "safetensors", "tokenizers",
+                                                 "pyarrow", "math-verify")}},
+        "blas": blas_info(),
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
+                    "cuda": torch.version.cuda},
+        "reproducible_when": "same t3s config and data, same library versions and BLAS, same runtime.threads, "
+                             "same CPU type (GPU: same GPU model, CUDA and driver)",
+    }
