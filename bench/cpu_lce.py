@@ -14,7 +14,8 @@ Cases (fwd + bwd of the mean loss at ``N × D`` hidden states, ``V × D`` weight
 * ``t3s_score``: :func:`t3s_kernels.token_logprobs` under ``no_grad`` over one ``--score-tokens`` trace (32,768).
 
 The providers are run interleaved, ``--reps`` rounds of one fresh process each (so slow drift of a shared machine
-hits them alike); time ratios are taken between medians of the same run. Rows go to ``bench/results/cpu_lce.csv``:
+hits them alike; ``--jobs`` processes at a time), and every row records the load average when its process started;
+time ratios are taken between medians of the same run. Rows go to ``bench/results/cpu_lce.csv``:
 one per process (``kind=run``) and one summary per provider (``kind=summary``: max / median peak, median wall,
 ``time_x_torch`` and ``time_x_torch_lce``).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -143,28 +145,33 @@ def run(args) -> list[dict]:
     base = {"bench": BENCH, "dtype": "fp32", "allocator": "glibc default", "threads": threads}
     providers = list(args.providers)
     skipped = {p: _availability(p) for p in providers}
-    rows: list[dict] = []
-    for rep in range(args.reps):
-        for p in providers + ([SCORE] if args.score_tokens else []):
-            N = args.score_tokens if p == SCORE else args.n
-            row = dict(base, kind="run", rep=rep, provider=p, N=N, D=args.d, V=args.v)
-            if skipped.get(p):
-                row.update(status=skipped[p], peak_mb=float("nan"), wall_ms=float("nan"))
-            else:
-                res = cpu_peak_mb(f"bench.{BENCH}:case", timeout=args.timeout, default_allocator=True,
-                                  provider=p, N=N, D=args.d, V=args.v)
-                row.update(status=res["status"], peak_mb=res["peak_mb"], wall_ms=res["wall_ms"],
-                           method=res["method"])
-            row["logits_mb"] = N * args.v * 4 / 2**20
-            rows.append(dict(row, **meta))
-            print(format_table([row], RUN_COLS).splitlines()[-1], flush=True)
+    cases = [
+        (rep, p) for rep in range(args.reps) for p in providers + ([SCORE] if args.score_tokens else [])
+    ]
+
+    def measure(case_: tuple[int, str]) -> dict:
+        rep, p = case_
+        N = args.score_tokens if p == SCORE else args.n
+        row = dict(base, kind="run", rep=rep, provider=p, N=N, D=args.d, V=args.v, loadavg=os.getloadavg()[0])
+        if skipped.get(p):
+            row.update(status=skipped[p], peak_mb=float("nan"), wall_ms=float("nan"))
+        else:
+            res = cpu_peak_mb(f"bench.{BENCH}:case", timeout=args.timeout, default_allocator=True,
+                              provider=p, N=N, D=args.d, V=args.v)
+            row.update(status=res["status"], peak_mb=res["peak_mb"], wall_ms=res["wall_ms"], method=res["method"])
+        row["logits_mb"] = N * args.v * 4 / 2**20
+        print(format_table([row], RUN_COLS).splitlines()[-1], flush=True)
+        return dict(row, **meta)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each case is its own process
+        rows = list(pool.map(measure, cases))
     summary = [dict(r, **meta) for r in summarise(rows)]
     print()
     print(format_table(summary, SUMMARY_COLS))
     return rows + summary
 
 
-RUN_COLS = ("rep", "provider", "N", "D", "V", "peak_mb", "logits_mb", "wall_ms", "status")
+RUN_COLS = ("rep", "provider", "N", "D", "V", "peak_mb", "logits_mb", "wall_ms", "loadavg", "status")
 SUMMARY_COLS = ("provider", "N", "reps", "ok", "peak_mb_max", "peak_mb_median", "wall_ms_median", "time_x_torch",
                 "time_x_torch_lce", "status")
 
@@ -180,6 +187,7 @@ def parser():
     p.add_argument("--reps", type=int, default=None, help=f"fresh processes per provider (default {FULL['reps']})")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    p.add_argument("--jobs", type=int, default=1, help="processes run at once, in the interleaved order (default 1)")
     return p
 
 
