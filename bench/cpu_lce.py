@@ -15,7 +15,8 @@ Cases (fwd + bwd of the mean loss at ``N × D`` hidden states, ``V × D`` weight
 
 The providers are run interleaved, ``--reps`` rounds of one fresh process each (so slow drift of a shared machine
 hits them alike; ``--jobs`` processes at a time), and every row records the load average when its process started;
-time ratios are taken between medians of the same run. Rows go to ``bench/results/cpu_lce.csv``:
+time ratios are taken between medians of the same run. Rows are appended as they are measured, so a run stopped
+early keeps them; ``--summarise RUN_ID`` appends the summary of such a run. Rows go to ``bench/results/cpu_lce.csv``:
 one per process (``kind=run``) and one summary per provider (``kind=summary``: max / median peak, median wall,
 ``time_x_torch`` and ``time_x_torch_lce``).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -139,15 +141,16 @@ def summarise(run_rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(args) -> list[dict]:
+def run(args, save: bool = True) -> list[dict]:
     meta = stamp("cpu")
     threads = int(os.environ.get("BENCH_CPU_THREADS", "1"))
-    base = {"bench": BENCH, "dtype": "fp32", "allocator": "glibc default", "threads": threads}
+    base = {"bench": BENCH, "run_id": meta["date"], "dtype": "fp32", "allocator": "glibc default",
+            "threads": threads}
     providers = list(args.providers)
     skipped = {p: _availability(p) for p in providers}
-    cases = [
-        (rep, p) for rep in range(args.reps) for p in providers + ([SCORE] if args.score_tokens else [])
-    ]
+    order = providers[:1] + ([SCORE] if args.score_tokens else []) + providers[1:]
+    cases = [(rep, p) for rep in range(args.reps) for p in order]
+    lock = threading.Lock()
 
     def measure(case_: tuple[int, str]) -> dict:
         rep, p = case_
@@ -161,14 +164,36 @@ def run(args) -> list[dict]:
             row.update(status=res["status"], peak_mb=res["peak_mb"], wall_ms=res["wall_ms"], method=res["method"])
         row["logits_mb"] = N * args.v * 4 / 2**20
         print(format_table([row], RUN_COLS).splitlines()[-1], flush=True)
-        return dict(row, **meta)
+        row = dict(row, **meta)
+        if save:  # row by row: a long run stopped early keeps what it measured
+            with lock:
+                append_rows(BENCH, [row], args.results_dir)
+        return row
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each case is its own process
         rows = list(pool.map(measure, cases))
-    summary = [dict(r, **meta) for r in summarise(rows)]
+    summary = [dict(r, run_id=meta["date"], **meta) for r in summarise(rows)]
     print()
     print(format_table(summary, SUMMARY_COLS))
+    if save:
+        append_rows(BENCH, summary, args.results_dir)
     return rows + summary
+
+
+def summarise_saved(run_id: str, results_dir: str) -> list[dict]:
+    """Summary rows of the ``kind=run`` rows of ``run_id`` already in ``cpu_lce.csv`` (e.g. of a stopped run)."""
+    import csv
+    from pathlib import Path
+
+    with (Path(results_dir) / f"{BENCH}.csv").open(newline="") as f:
+        saved = [r for r in csv.DictReader(f) if r.get("run_id") == run_id and r.get("kind") == "run"]
+    if not saved:
+        raise ValueError(f"--summarise: no run rows with run_id {run_id!r} in {results_dir}/{BENCH}.csv")
+    for r in saved:
+        for k in ("peak_mb", "wall_ms"):
+            r[k] = float(r[k]) if r[k] not in ("", "nan") else float("nan")
+    meta = {k: saved[0][k] for k in ("device", "torch", "triton", "t3s", "commit", "date")}
+    return [dict(r, run_id=run_id, **meta) for r in summarise(saved)]
 
 
 RUN_COLS = ("rep", "provider", "N", "D", "V", "peak_mb", "logits_mb", "wall_ms", "loadavg", "status")
@@ -187,6 +212,8 @@ def parser():
     p.add_argument("--reps", type=int, default=None, help=f"fresh processes per provider (default {FULL['reps']})")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    p.add_argument("--summarise", metavar="RUN_ID", default=None,
+                   help="only append the summary rows of an earlier (e.g. stopped) run from its saved rows")
     p.add_argument("--jobs", type=int, default=1, help="processes run at once, in the interleaved order (default 1)")
     return p
 
@@ -197,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    rows = run(args)
+    if args.summarise:
+        summary = summarise_saved(args.summarise, args.results_dir)
+        print(format_table(summary, SUMMARY_COLS))
+        if not args.no_save:
+            append_rows(BENCH, summary, args.results_dir)
+        return 0
+    rows = run(args, save=not args.no_save)
     if not args.no_save:
-        print(f"\nappended {len(rows)} rows to {append_rows(BENCH, rows, args.results_dir)}")
+        print(f"\nappended {len(rows)} rows to {args.results_dir}/{BENCH}.csv")
     return 0
