@@ -51,6 +51,7 @@ SHADOW_NUMEL = 1 << 22  # tensors up to 4 Mi elements keep a real CPU shadow (N-
 _WRITE_ONLY = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
 _NO_BYTES_FACTORIES = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
                        aten.new_empty.default, aten.new_empty_strided.default}
+_BIG = 1 << 20
 _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 _METADATA = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
              aten.is_contiguous.default, aten.is_contiguous.memory_format, aten.sym_is_contiguous.default,
@@ -214,8 +215,13 @@ class CostTracer(TorchDispatchMode):
 
     # ------------------------------------------------------------------------------------------------- memory
 
-    def _sweep(self) -> None:
-        for key in [k for k, i in self._live.items() if self._allocs[i].ref.expired()]:
+    def _sweep(self, everything: bool = False) -> None:
+        """Mark storages that died since the last op. Large ones (≥ 1 MiB) are checked at every op; small ones
+        every 64 ops (their death is then recorded a little late: the peak can only be overstated, by little)."""
+        everything = everything or self._clock % 64 == 0
+        dead = [k for k, i in self._live.items()
+                if (everything or self._allocs[i].nbytes >= _BIG) and self._allocs[i].ref.expired()]
+        for key in dead:
             self._allocs[self._live.pop(key)].died = self._clock
 
     def _track(self, elem: torch.Tensor, what: str) -> None:
@@ -231,7 +237,7 @@ class CostTracer(TorchDispatchMode):
 
         Returns ``(bytes, description of the largest allocations live at the peak)``.
         """
-        self._sweep()
+        self._sweep(everything=True)
         skip = set()
         for t in exclude:
             if t is None:
