@@ -16,7 +16,9 @@ a real CPU *shadow* computed op by op from the caller's real values, so data-dep
 ``nonzero``, boolean indexing, a device-side active-row count read by a kernel) follow the real data. Each host read
 (``_local_scalar_dense``) is counted as a host synchronisation.
 
-Triton launches cannot run on ``meta`` tensors. While tracing, ``run`` of every Triton kernel class is replaced by
+While tracing, ``torch.cuda``'s device queries answer for an H100 / H200 (132 SMs, 50 MiB of L2, sm_90), so code
+that sizes its grid from the device sees the machine the model predicts for. Triton launches cannot run on ``meta``
+tensors. While tracing, ``run`` of every Triton kernel class is replaced by
 a recorder that evaluates the launch grid and hands the launch (kernel name, grid, arguments by name) to a cost
 formula registered for that kernel name (:data:`KERNEL_FORMULAS`, filled by :mod:`bench.cost_model`); a kernel
 without a formula is an error, never a silent zero.
@@ -28,6 +30,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -56,6 +59,16 @@ _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 _METADATA = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
              aten.is_contiguous.default, aten.is_contiguous.memory_format, aten.sym_is_contiguous.default,
              aten._assert_async.msg, aten._assert_async.default}
+
+
+HOPPER = SimpleNamespace(name="traced Hopper (H100 / H200: 132 SMs, 50 MiB L2)", multi_processor_count=132,
+                         L2_cache_size=50 * 2**20, total_memory=80 * 2**30, major=9, minor=0)
+_CUDA_STUBS = {
+    "_lazy_init": lambda: None,
+    "get_device_properties": lambda device=None: HOPPER,
+    "get_device_capability": lambda device=None: (9, 0),
+    "current_device": lambda: 0,
+}
 
 
 class TracedTensor(torch.Tensor):
@@ -272,12 +285,15 @@ class CostTracer(TorchDispatchMode):
 
     def __enter__(self):
         # factories with device="cuda" ask torch to initialise CUDA first; the tracer allocates nothing there
-        self._lazy_init = torch.cuda._lazy_init
-        torch.cuda._lazy_init = lambda: None
+        # and kernels that size their grid from the device read its properties: an H100 / H200 (132 SMs, 50 MiB L2)
+        self._saved_cuda = {k: getattr(torch.cuda, k) for k in _CUDA_STUBS}
+        for k, v in _CUDA_STUBS.items():
+            setattr(torch.cuda, k, v)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.cuda._lazy_init = self._lazy_init
+        for k, v in self._saved_cuda.items():
+            setattr(torch.cuda, k, v)
         return super().__exit__(*exc)
 
     def _is_traced_factory(self, kwargs) -> bool:

@@ -31,8 +31,10 @@ active-row count read from the kernel's device argument, ``nv = ⌈V/BV⌉``, ``
 ``waves(c) = ⌈c / 132⌉``; a tile shared by CTAs running at the same time is read from HBM once per wave, a tile
 private to a CTA every time it is loaded):
 
-* ``_lce_stats_fwd_kernel`` (grid over row blocks; V tiles outer, D inner): dot ``2·rb·BN·nv·BV·D``; bytes: the
-  CTA's ``h`` block re-read per V tile ``rb·nv·BN·D·s`` + ``W`` once per wave ``waves(rb)·V·D·s``.
+* ``_lce_stats_fwd_kernel`` (grid over row blocks × ``S`` vocabulary splits, ``S = n_splits`` or 1; V tiles outer,
+  D inner): dot ``2·rb·BN·nv·BV·D``; bytes: ``h`` once per row block ``rb·BN·D·s`` when the ``h`` blocks of the
+  row blocks in flight (``⌊132/S⌋·BN·D·s``) fit in half of L2, else re-read per V tile ``rb·nv·BN·D·s``; ``W``
+  once per wave ``waves(rb·S)·V·D·s``; the fp32 partials ``5·S·n_act·4``.
 * ``_lce_bwd_dh_kernel`` (row blocks; recompute logits, ``dh += dx·W`` into an fp32 slab): dot ``2×`` the
   forward's; bytes: ``h`` block per V tile, ``W`` twice per wave, fp32 ``[BN, D]`` slab read + written per V tile
   ``rb·nv·BN·D·8``.
@@ -65,6 +67,7 @@ BENCH = "cost_model"
 NS = (4096, 16384, 32768)
 SHAPES = ((4096, 151936), (2048, 151936), (4096, 128256), (2304, 256000))
 SMS = 132  # H100 SXM and H200 alike
+L2_BYTES = 50 * 2**20
 MiB = 2**20
 
 
@@ -144,10 +147,16 @@ def _fused_fwd(L: Launch) -> KernelCost:
     N, V, D = L.size("N", "V", "D")
     BN, BV, BD = L.size("BLOCK_N", "BLOCK_V", "BLOCK_D")
     s = _itemsize(L.args["h"])
-    rb, nv, Dp = _cdiv(L.value("n_active"), BN), _cdiv(V, BV), _cdiv(D, BD) * BD
+    S = int(L.args.get("n_splits", 1))  # vocabulary splits (2-D grid: row blocks × splits, grouped order)
+    n_act = L.value("n_active")
+    rb, nv, Dp = _cdiv(n_act, BN), _cdiv(V, BV), _cdiv(D, BD) * BD
     flops = 2.0 * rb * BN * nv * BV * Dp
-    hbm = rb * nv * BN * D * s + _waves(rb) * V * D * s + N * 4 * 4
-    return KernelCost(flops, hbm, rb, "h block per V tile + W per wave")
+    resident_h = max(1, SMS // S) * BN * D * s  # h blocks of the row blocks in flight at once
+    h_reads = 1 if resident_h <= L2_BYTES // 2 else nv  # in L2: read once per row block; else per V tile
+    part = 5 * S * n_act * 4 if "part" in L.args else N * 4 * 4
+    hbm = rb * h_reads * BN * D * s + _waves(rb * S) * V * D * s + part
+    how = "h once per row block" if h_reads == 1 else "h block per V tile"
+    return KernelCost(flops, hbm, rb * S, f"{how} + W per wave ({S} splits)")
 
 
 def _fused_dh(L: Launch) -> KernelCost:

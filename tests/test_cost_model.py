@@ -76,18 +76,19 @@ def test_elementwise_bytes_and_views_free():
 
 
 def test_peak_live_bytes_of_a_known_pattern():
+    M = 2**20  # elements; storages of a MiB and more are swept at every op
     tr = CostTracer("cuda")
     with tr:
-        x = torch.empty(1000, device="cuda")  # 4000 B
-        y = torch.empty(3000, device="cuda")  # 12000 B  -> live 16000
+        x = torch.empty(M, device="cuda")  # 4 MiB
+        y = torch.empty(3 * M, device="cuda")  # 12 MiB: live 16 MiB
         del x
-        z = torch.empty(2000, device="cuda")  # live 20000 - 4000 = ... 12000 + 8000 = 20000
+        z = torch.empty(2 * M, device="cuda")  # live 12 + 8 = 20 MiB
         del y
-        out = torch.empty(500, device="cuda")  # 8000 + 2000
+        out = torch.empty(M, device="cuda")  # live 8 + 4
     peak, _ = tr.peak_bytes()
-    assert peak == 20000
+    assert peak == 20 * M
     peak_wo_z, _ = tr.peak_bytes(exclude=(z,))
-    assert peak_wo_z == 16000
+    assert peak_wo_z == 16 * M
     del out
 
 
@@ -161,11 +162,22 @@ def test_shipped_kernel_formulas_match_closed_forms():
 
     t_h = torch.empty(1, dtype=torch.bfloat16, device="meta")
     n_act = CostTracer("cuda").real(torch.tensor([512], dtype=torch.int32))
-    args = dict(N=1024, V=8192, D=256, BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, h=t_h, n_active=n_act)
-    if "_lce_stats_fwd_kernel" in KERNEL_FORMULAS:
-        c = KERNEL_FORMULAS["_lce_stats_fwd_kernel"](Launch("_lce_stats_fwd_kernel", (8,), args))
-        assert c.dot_flops == 2 * 512 * 8192 * 256 and c.ctas == 4
-        assert c.hbm_bytes == (512 * 256 * 2) * (8192 // 64) + 8192 * 256 * 2 + 1024 * 16
+    fwd = KERNEL_FORMULAS["_lce_stats_fwd_kernel"]
+    tiles = dict(BLOCK_N=128, BLOCK_V=64, BLOCK_D=64, h=t_h, n_active=n_act)
+    # one split, D = 4096: 132 resident 1 MiB h blocks exceed half of L2, so h is re-read per V tile
+    c = fwd(Launch("_lce_stats_fwd_kernel", (8,), dict(tiles, N=1024, V=8192, D=4096)))
+    assert c.dot_flops == 2 * 512 * 8192 * 4096 and c.ctas == 4
+    assert c.hbm_bytes == (512 * 4096 * 2) * (8192 // 64) + 8192 * 4096 * 2 + 1024 * 16
+    # 8 vocabulary splits: 16 resident blocks fit in L2, h is read once per row block; W once per wave of 132
+    part = torch.empty(1, device="meta")
+    c = fwd(Launch("_lce_stats_fwd_kernel", (64,), dict(tiles, N=1024, V=8192, D=4096, n_splits=8, part=part)))
+    assert c.dot_flops == 2 * 512 * 8192 * 4096 and c.ctas == 32
+    assert c.hbm_bytes == 512 * 4096 * 2 + 8192 * 4096 * 2 + 5 * 8 * 512 * 4
+    # row kernel of a stored chunk: two reads of each fp32 row and one bf16 dx write
+    x, dx = torch.empty(1, device="meta"), torch.empty(1, dtype=torch.bfloat16, device="meta")
+    c = KERNEL_FORMULAS["_lce_chunk_row_kernel"](Launch("_lce_chunk_row_kernel", (300,), dict(V=1000, x=x, dx=dx,
+                                                                                            y=None)))
+    assert c.dot_flops == 0 and c.hbm_bytes == 300 * 1000 * (2 * 4 + 2)
     for name in KERNEL_FORMULAS:
         if name.startswith("_lce"):
             assert cost_model.__doc__ and name in cost_model.__doc__, f"formula of {name} is not documented"
