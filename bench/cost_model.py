@@ -143,13 +143,17 @@ def _itemsize(t) -> int:
     return t.element_size()
 
 
-def _fused_fwd(L: Launch) -> KernelCost:
+def _tiles(L: Launch):
+    """``(N, V, D, BN, BV, s, n_act, rb, nv, Dp)`` of a fused-kernel launch."""
     N, V, D = L.size("N", "V", "D")
     BN, BV, BD = L.size("BLOCK_N", "BLOCK_V", "BLOCK_D")
-    s = _itemsize(L.args["h"])
-    S = int(L.args.get("n_splits", 1))  # vocabulary splits (2-D grid: row blocks × splits, grouped order)
     n_act = L.value("n_active")
-    rb, nv, Dp = _cdiv(n_act, BN), _cdiv(V, BV), _cdiv(D, BD) * BD
+    return N, V, D, BN, BV, _itemsize(L.args["h"]), n_act, _cdiv(n_act, BN), _cdiv(V, BV), _cdiv(D, BD) * BD
+
+
+def _fused_fwd(L: Launch) -> KernelCost:
+    N, V, D, BN, BV, s, n_act, rb, nv, Dp = _tiles(L)
+    S = int(L.args.get("n_splits", 1))  # vocabulary splits (2-D grid: row blocks × splits, grouped order)
     flops = 2.0 * rb * BN * nv * BV * Dp
     resident_h = max(1, SMS // S) * BN * D * s  # h blocks of the row blocks in flight at once
     h_reads = 1 if resident_h <= L2_BYTES // 2 else nv  # in L2: read once per row block; else per V tile
@@ -160,20 +164,14 @@ def _fused_fwd(L: Launch) -> KernelCost:
 
 
 def _fused_dh(L: Launch) -> KernelCost:
-    N, V, D = L.size("N", "V", "D")
-    BN, BV, BD = L.size("BLOCK_N", "BLOCK_V", "BLOCK_D")
-    s = _itemsize(L.args["h"])
-    rb, nv, Dp = _cdiv(L.value("n_active"), BN), _cdiv(V, BV), _cdiv(D, BD) * BD
+    N, V, D, BN, BV, s, _, rb, nv, Dp = _tiles(L)
     flops = 2 * 2.0 * rb * BN * nv * BV * Dp
     hbm = rb * nv * BN * D * s + 2 * _waves(rb) * V * D * s + rb * nv * BN * D * 8
     return KernelCost(flops, hbm, rb, "h block per V tile + 2 W per wave + fp32 dh slab RMW per V tile")
 
 
 def _fused_dw(L: Launch) -> KernelCost:
-    N, V, D = L.size("N", "V", "D")
-    BN, BV, BD = L.size("BLOCK_N", "BLOCK_V", "BLOCK_D")
-    s = _itemsize(L.args["h"])
-    rb, nv, Dp = _cdiv(L.value("n_active"), BN), _cdiv(V, BV), _cdiv(D, BD) * BD
+    N, V, D, BN, BV, s, _, rb, nv, Dp = _tiles(L)
     flops = 2 * 2.0 * nv * BV * rb * BN * Dp
     hbm = nv * rb * BV * D * s + 2 * _waves(nv) * rb * BN * D * s + nv * rb * BV * D * 8
     return KernelCost(flops, hbm, nv, "W tile per row block + 2 h per wave + fp32 dW slab RMW per row block")

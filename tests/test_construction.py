@@ -83,11 +83,15 @@ def test_training_workspace_is_at_most_1_gib(path):
     )
 
 
+def _assert_predicted_within(path: str, N: int, limit: float, floor: str) -> None:
+    row = cost_model.predict(path, N, D, V, cost_model.GPUS, traced(path, N))
+    for gpu in ("h100", "h200"):
+        assert row[f"{gpu}_x"] <= limit, f"PREDICTED {gpu}: {path} {row[f'{gpu}_x']:.2f}× {floor} at N={N}"
+
+
 @pytest.mark.parametrize("N", [16384, BIG_N])
 def test_predicted_trainer_ratio_within_1_2_of_the_floor(N):
-    row = cost_model.predict("trainer", N, D, V, cost_model.GPUS, traced("trainer", N))
-    for gpu in ("h100", "h200"):
-        assert row[f"{gpu}_x"] <= 1.2, f"PREDICTED {gpu}: {row[f'{gpu}_x']:.2f}× the three-GEMM floor at N={N}"
+    _assert_predicted_within("trainer", N, 1.2, "the three-GEMM floor")
 
 
 def test_predicted_half_zero_weight_time_at_most_0_6_of_unmasked():
@@ -101,9 +105,7 @@ def test_predicted_half_zero_weight_time_at_most_0_6_of_unmasked():
 
 @pytest.mark.parametrize("N", [4096, BIG_N])
 def test_predicted_forward_within_1_2_of_one_gemm(N):
-    row = cost_model.predict("forward", N, D, V, cost_model.GPUS, traced("forward", N))
-    for gpu in ("h100", "h200"):
-        assert row[f"{gpu}_x"] <= 1.2, f"PREDICTED {gpu}: forward {row[f'{gpu}_x']:.2f}× one GEMM at N={N}"
+    _assert_predicted_within("forward", N, 1.2, "one GEMM")
 
 
 def test_trainer_call_reads_the_host_at_most_once():
