@@ -130,9 +130,8 @@ def test_cpu_path_workspace_is_bounded():
 
 def test_cpu_scoring_a_long_trace_holds_a_bounded_block():
     """Issue 10's target is ≤ 1.5 GB scoring 32,768 tokens. A chunked scorer holds one block plus O(N) outputs
-    (a few N-sized vectors: at most 64 bytes a token, 2 MiB at 32K), so 8192 tokens are traced (four times fewer ops
-    for CI) and the O(N)
-    part of 32K is added."""
+    (a few N-sized vectors: at most 64 bytes a token, 2 MiB at 32K), so 8192 tokens are traced (four times fewer
+    ops for CI) and the O(N) part of 32K is added."""
     n = 8192
     s = traced("forward", n, 128, V, device="cpu", dtype="float32")
     at_32k = s.workspace_bytes + (BIG_N - n) * 64
