@@ -15,9 +15,9 @@ _NOT_BENCHMARKS = {"common", "__main__", "__init__", "conftest"}
 
 def available() -> list[str]:
     here = Path(__file__).resolve().parent
-    # test_*.py are pytest-benchmark micro-benchmarks (bench/test_micro.py), run through pytest
+    # test_*.py are pytest-benchmark micro-benchmarks (bench/test_micro.py), run through pytest; _*.py are helpers
     return sorted(m.name for m in pkgutil.iter_modules([str(here)])
-                  if m.name not in _NOT_BENCHMARKS and not m.name.startswith("test_"))
+                  if m.name not in _NOT_BENCHMARKS and not m.name.startswith(("test_", "_")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -266,7 +266,9 @@ def _run_peak_case(target: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"peak_bytes": peak, "wall_ms": wall_ms, "method": method}
 
 
-def cpu_peak_mb(target: str, timeout: float = 600.0, **kwargs: Any) -> dict[str, Any]:
+def cpu_peak_mb(
+    target: str, timeout: float = 600.0, *, default_allocator: bool = False, **kwargs: Any
+) -> dict[str, Any]:
     """Peak resident memory (MiB) of one CPU case, measured in a fresh Python process.
 
     ``target`` is ``"package.module:function"``; ``function(**kwargs)`` allocates the inputs and returns a
@@ -277,7 +279,9 @@ def cpu_peak_mb(target: str, timeout: float = 600.0, **kwargs: Any) -> dict[str,
     falls back to the growth of ``getrusage().ru_maxrss`` (correct when set-up did not peak above the case). A fresh
     process per case means one case's freed-but-cached pages cannot hide another's. PyTorch's CPU allocator returns
     large blocks to the OS on free and the child runs with a fixed glibc ``MALLOC_MMAP_THRESHOLD_`` (64 KiB), so RSS
-    follows live tensors. ``kwargs`` must be JSON-serialisable. The child uses ``BENCH_CPU_THREADS`` threads (1).
+    follows live tensors. ``default_allocator=True`` leaves glibc's defaults alone (no ``MALLOC_*`` variable is
+    passed on): what a user sees, fragmentation included. ``kwargs`` must be JSON-serialisable. The child uses
+    ``BENCH_CPU_THREADS`` threads (1).
 
     Returns ``{"peak_mb", "wall_ms", "method", "status"}``; ``status`` is ``"ok"``, ``"OOM"`` (killed) or an error.
     """
@@ -286,7 +290,11 @@ def cpu_peak_mb(target: str, timeout: float = 600.0, **kwargs: Any) -> dict[str,
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     # A fixed glibc mmap threshold: every block >= 64 KiB is mmap'ed and unmapped on free, so RSS follows live
     # memory (the default threshold adapts upward and keeps freed blocks of up to 32 MiB resident in the heap).
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    if default_allocator:
+        for key in [k for k in env if k.startswith("MALLOC_")]:
+            del env[key]
+    else:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

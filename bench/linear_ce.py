@@ -1,10 +1,12 @@
 """Fused linear cross-entropy: fwd / bwd / fwd+bwd time and peak memory vs the anchors and the cuBLAS GEMM floor.
 
 GPU (default): bf16, N ∈ {4096, 16384, 32768} × (D, V) ∈ {(4096, 151936), (2048, 151936), (4096, 128256),
-(2304, 256000)}, variants ``all`` (every token scored) and ``w50`` (50 % of tokens at zero weight: ``token_weight``
-for t3s, ``-100`` targets for the others; ratios stay against the dense floor). Providers:
+(2304, 256000)}, variants ``all`` (every token scored), ``w1`` (every token through ``token_weight = 1``: the
+trainer's call) and ``w50`` (50 % of tokens at zero weight: ``token_weight`` for t3s, ``-100`` targets for the
+others; ratios stay against the dense floor). Providers:
 
-* ``t3s_chunked`` / ``t3s_fused``: :func:`t3s_kernels.linear_cross_entropy` with ``strategy="chunked" | "fused"``;
+* ``t3s``: :func:`t3s_kernels.linear_cross_entropy` as a caller gets it (no strategy named);
+* ``t3s_chunked`` / ``t3s_fused``: the same with ``strategy="chunked" | "fused"``;
 * ``torch``: materialised bf16 logits + ``F.cross_entropy(logits.float(), y)`` (the Hugging Face path);
 * ``torch_lce``: ``torch.nn.functional.linear_cross_entropy`` with ``LinearCrossEntropyOptions()`` (chunked);
 * ``liger``: ``liger_kernel`` ``LigerFusedLinearCrossEntropyLoss``;
@@ -58,8 +60,8 @@ from bench.common import (
 BENCH = "linear_ce"
 NS = (4096, 16384, 32768)
 SHAPES = ((4096, 151936), (2048, 151936), (4096, 128256), (2304, 256000))
-PROVIDERS = ("t3s_chunked", "t3s_fused", "torch", "torch_lce", "liger", "cce", "cce_exact")
-VARIANTS = ("all", "w50")
+PROVIDERS = ("t3s", "t3s_chunked", "t3s_fused", "torch", "torch_lce", "liger", "cce", "cce_exact")
+VARIANTS = ("all", "w1", "w50")
 CPU_PROVIDERS = ("t3s", "torch", "torch_lce")
 
 
@@ -74,7 +76,9 @@ def make_loss_fn(provider: str, h, w, y, tw) -> Callable[[], torch.Tensor]:
     if provider.startswith("t3s"):
         from t3s_kernels import linear_cross_entropy
 
-        strategy = provider.split("_", 1)[1] if "_" in provider else "auto"
+        if provider == "t3s":  # what a caller gets: no strategy named
+            return lambda: linear_cross_entropy(h, w, y, token_weight=tw)
+        strategy = provider.split("_", 1)[1]
         return lambda: linear_cross_entropy(h, w, y, token_weight=tw, strategy=strategy)
     if provider == "torch":
         return lambda: F.cross_entropy((h @ w.t()).float(), y_masked)
@@ -107,6 +111,8 @@ def _inputs(N: int, D: int, V: int, dtype, device, variant: str, seed: int = 0):
     tw = None
     if variant == "w50":
         tw = (torch.rand(N, generator=g) < 0.5).float().to(device)
+    elif variant == "w1":  # the trainer's call: every token through token_weight
+        tw = torch.ones(N, device=device)
     return h, w, y, tw
 
 

@@ -94,3 +94,43 @@ def test_append_rows_widens_header(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["a"] for r in rows] == ["1", "3"]
     assert rows[0]["c"] == "" and rows[1]["c"] == "z" and rows[1]["b"] == ""
+
+
+def test_cpu_lce_rows_smoke(tmp_path):
+    """The issue-10 CPU rows at CI size: fresh processes, default allocator, per-run and summary rows with ratios."""
+    from bench import cpu_lce
+
+    argv = ["--smoke", "--reps", "1", "--providers", "t3s", "torch", "--score-tokens", "512",
+            "--results-dir", str(tmp_path)]
+    assert cpu_lce.main(argv) == 0
+    with (tmp_path / "cpu_lce.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    runs = {r["provider"]: r for r in rows if r["kind"] == "run"}
+    summary = {r["provider"]: r for r in rows if r["kind"] == "summary"}
+    assert set(runs) == set(summary) == {"t3s", "torch", "t3s_score"}
+    for r in runs.values():
+        assert r["status"] == "ok", r
+        assert r["allocator"] == "glibc default" and float(r["peak_mb"]) >= 0 and float(r["wall_ms"]) > 0
+        for col in ("device", "torch", "t3s", "commit", "date", "run_id"):
+            assert r[col], f"missing stamp column {col}"
+    ratio = float(summary["t3s"]["time_x_torch"])
+    assert ratio == pytest.approx(float(runs["t3s"]["wall_ms"]) / float(runs["torch"]["wall_ms"]), rel=1e-4)
+    assert float(summary["torch"]["time_x_torch"]) == 1.0
+    # a stopped run can be summarised from its saved rows
+    assert cpu_lce.main(["--summarise", runs["t3s"]["run_id"], "--results-dir", str(tmp_path), "--no-save"]) == 0
+
+
+def test_compare_joins_predicted_and_measured(tmp_path):
+    from bench.common import append_rows
+    from bench.compare import compare
+
+    shape = {"N": 16384, "D": 4096, "V": 151936}
+    append_rows("cost_model", [dict(shape, kind="predicted", path="trainer", h100_x=1.1, h200_x=1.05, commit="c")],
+                tmp_path)
+    append_rows("linear_ce", [dict(shape, provider="t3s", variant="w1", status="ok", full_x=1.3,
+                                   device="NVIDIA H200", commit="c"),
+                              dict(shape, provider="torch", variant="w1", status="ok", full_x=3.0,
+                                   device="NVIDIA H200", commit="c")], tmp_path)
+    (row,) = compare(tmp_path)
+    assert row["path"] == "trainer" and row["measured_x"] == 1.3 and row["predicted_x"] == 1.05
+    assert row["measured_over_predicted"] == pytest.approx(1.3 / 1.05)

@@ -1,0 +1,358 @@
+"""PREDICTED cost of every LM-head path on H100 / H200, traced from what the code really issues (no GPU needed).
+
+For each path and shape the real public call (:func:`t3s_kernels.linear_cross_entropy` /
+:func:`t3s_kernels.token_logprobs`, ``impl="auto"`` as on CUDA) runs on data-less tensors that report device
+``cuda`` (:class:`bench._trace.CostTracer`): every aten op is counted (GEMM FLOPs with
+:mod:`torch.utils.flop_counter`'s formulas, bytes read / written, live memory), every Triton launch is intercepted
+and priced by the formula below for that kernel. The totals give
+
+* ``gemm_flops`` (also as a multiple of ``N·D·V``: the three-GEMM floor of training is 6, of a forward 2);
+* ``hbm_gb``: bytes moved to / from HBM (each aten op reads its inputs and writes its outputs once; Triton
+  kernels per formula);
+* ``workspace_mib``: the peak of live bytes the call allocated, leaving out the gradient outputs and the returned
+  values: the temporaries (an fp32 ``[V, D]`` accumulator that is cast to the output counts);
+* ``host_syncs``: host reads of device values (``.item()``) on the path;
+* ``<gpu>_ms`` and ``<gpu>_x``: predicted time, and its ratio to the floor (``6·N·D·V`` training, ``2·N·D·V``
+  forward) at the same achievable GEMM rate. Each event costs ``max(FLOPs / rate, bytes / bandwidth)`` plus a
+  launch overhead, events in sequence (one stream).
+
+Peak figures (dense, no sparsity; NVIDIA datasheets, https://www.nvidia.com/en-us/data-center/h100/ and
+https://www.nvidia.com/en-us/data-center/h200/): H100 SXM5 989.4 TFLOP/s bf16, 66.9 TFLOP/s fp32, 3.35 TB/s HBM3;
+H200 SXM 989.4 TFLOP/s bf16, 66.9 TFLOP/s fp32, 4.8 TB/s HBM3e; 132 SMs and 50 MiB of L2 each. Achievable
+fractions (assumptions, overridable with ``--gemm-eff`` / ``--triton-eff`` / ``--hbm-eff``): cuBLAS bf16 GEMMs 0.80
+of peak (790 TFLOP/s, the rate measured for large bf16 GEMMs on this project's H200, see ``shared/DESIGN.md``;
+tile quantisation of M and N to 128 applied on top), Triton ``tl.dot`` kernels 0.60 (no warp specialisation / TMA;
+the fused kernels also do softmax work per tile), HBM streaming 0.85 (typical of copy kernels on Hopper), 4 µs
+launch overhead per op. These are PREDICTIONS: the GPU script (``bench/gpu_check.sh``) puts measurements beside
+them.
+
+Triton kernel formulas (``BN, BV, BD`` the launch's tile sizes, ``s`` the input element size, ``n_act`` the
+active-row count read from the kernel's device argument, ``nv = ⌈V/BV⌉``, ``rb = ⌈n_act/BN⌉``,
+``waves(c) = ⌈c / 132⌉``; a tile shared by CTAs running at the same time is read from HBM once per wave, a tile
+private to a CTA every time it is loaded):
+
+* ``_lce_stats_fwd_kernel`` (grid over row blocks × ``S`` vocabulary splits, ``S = n_splits`` or 1; V tiles outer,
+  D inner): dot ``2·rb·BN·nv·BV·D``; bytes: ``h`` once per row block ``rb·BN·D·s`` when the ``h`` blocks of the
+  row blocks in flight (``⌊132/S⌋·BN·D·s``) fit in half of L2, else re-read per V tile ``rb·nv·BN·D·s``; ``W``
+  once per wave ``waves(rb·S)·V·D·s``; the fp32 partials ``5·S·n_act·4``.
+* ``_lce_bwd_dh_kernel`` (row blocks; recompute logits, ``dh += dx·W`` into an fp32 slab): dot ``2×`` the
+  forward's; bytes: ``h`` block per V tile, ``W`` twice per wave, fp32 ``[BN, D]`` slab read + written per V tile
+  ``rb·nv·BN·D·8``.
+* ``_lce_bwd_dw_kernel`` (grid over V tiles, loop over active row blocks; ``dW += dxᵀ·h`` into an fp32 slab): dot
+  ``2·2·nv·BV·rb·BN·D``; bytes: the CTA's ``W`` tile per row block ``nv·rb·BV·D·s``, ``h`` twice per wave
+  ``waves(nv)·rb·BN·D·s·2``, slab ``nv·rb·BV·D·8``.
+* ``_lce_chunk_row_kernel`` / ``_lce_chunk_bwd_row_kernel`` (one program per row of a stored logits chunk, two
+  passes over V): ``rows·V·(2·s_x + s_dx)`` (a 600 KB fp32 row × 132 CTAs exceeds L2, so both passes stream from
+  HBM); no tensor-core work.
+
+Examples::
+
+    python -m bench cost_model                          # every path × shape, H100 and H200, rows to results
+    python -m bench cost_model --n 32768 --shapes 4096x151936 --paths trainer --ops 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from bench._trace import KERNEL_FORMULAS, CostTracer, KernelCost, Launch, TraceSummary, summarise
+from bench.common import append_rows, base_parser, format_table, parse_shape, stamp
+
+BENCH = "cost_model"
+NS = (4096, 16384, 32768)
+SHAPES = ((4096, 151936), (2048, 151936), (4096, 128256), (2304, 256000))
+SMS = 132  # H100 SXM and H200 alike
+L2_BYTES = 50 * 2**20
+MiB = 2**20
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPUs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Peak figures (datasheet) and the achievable fractions assumed (see the module docstring)."""
+
+    name: str
+    bf16_tflops: float
+    fp32_tflops: float
+    hbm_tbs: float
+    sms: int = SMS
+    gemm_eff: float = 0.80
+    triton_eff: float = 0.60
+    hbm_eff: float = 0.85
+    launch_us: float = 4.0
+
+
+GPUS = {
+    "h100": GPU("H100 SXM5", bf16_tflops=989.4, fp32_tflops=66.9, hbm_tbs=3.35),
+    "h200": GPU("H200 SXM", bf16_tflops=989.4, fp32_tflops=66.9, hbm_tbs=4.8),
+}
+
+
+def _tile_eff(x: int, tile: int = 128) -> float:
+    return x / (math.ceil(x / tile) * tile) if x > 0 else 1.0
+
+
+def event_ms(rec, gpu: GPU) -> float:
+    """Predicted milliseconds of one traced event on ``gpu``."""
+    half = rec.dtype in ("bfloat16", "float16")
+    peak = (gpu.bf16_tflops if half else gpu.fp32_tflops) * 1e12
+    mem_s = rec.hbm_bytes / (gpu.hbm_tbs * 1e12 * gpu.hbm_eff)
+    comp_s = 0.0
+    if rec.gemm_flops:
+        if rec.kind == "triton":
+            waves = max(1, math.ceil(rec.ctas / gpu.sms))
+            util = rec.ctas / (waves * gpu.sms) if rec.ctas else 1.0
+            comp_s = rec.gemm_flops / (peak * gpu.triton_eff * util)
+        else:
+            eff = gpu.gemm_eff
+            if rec.gemm_mnk is not None:
+                m, n, _ = rec.gemm_mnk
+                eff *= _tile_eff(m) * _tile_eff(n)
+            comp_s = rec.gemm_flops / (peak * eff)
+    return (max(mem_s, comp_s) + gpu.launch_us * 1e-6) * 1e3
+
+
+def floor_ms(flops: float, gpu: GPU) -> float:
+    """The GEMM floor: ``flops`` at the achievable cuBLAS bf16 rate."""
+    return flops / (gpu.bf16_tflops * 1e12 * gpu.gemm_eff) * 1e3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Triton kernel formulas (documented in the module docstring)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _waves(ctas: int) -> int:
+    return max(1, _cdiv(ctas, SMS))
+
+
+def _itemsize(t) -> int:
+    return t.element_size()
+
+
+def _tiles(L: Launch):
+    """``(N, V, D, BN, BV, s, n_act, rb, nv, Dp)`` of a fused-kernel launch."""
+    N, V, D = L.size("N", "V", "D")
+    BN, BV, BD = L.size("BLOCK_N", "BLOCK_V", "BLOCK_D")
+    n_act = L.value("n_active")
+    return N, V, D, BN, BV, _itemsize(L.args["h"]), n_act, _cdiv(n_act, BN), _cdiv(V, BV), _cdiv(D, BD) * BD
+
+
+def _fused_fwd(L: Launch) -> KernelCost:
+    N, V, D, BN, BV, s, n_act, rb, nv, Dp = _tiles(L)
+    S = int(L.args.get("n_splits", 1))  # vocabulary splits (2-D grid: row blocks × splits, grouped order)
+    flops = 2.0 * rb * BN * nv * BV * Dp
+    resident_h = max(1, SMS // S) * BN * D * s  # h blocks of the row blocks in flight at once
+    h_reads = 1 if resident_h <= L2_BYTES // 2 else nv  # in L2: read once per row block; else per V tile
+    part = 5 * S * n_act * 4 if "part" in L.args else N * 4 * 4
+    hbm = rb * h_reads * BN * D * s + _waves(rb * S) * V * D * s + part
+    how = "h once per row block" if h_reads == 1 else "h block per V tile"
+    return KernelCost(flops, hbm, rb * S, f"{how} + W per wave ({S} splits)")
+
+
+def _fused_dh(L: Launch) -> KernelCost:
+    N, V, D, BN, BV, s, _, rb, nv, Dp = _tiles(L)
+    flops = 2 * 2.0 * rb * BN * nv * BV * Dp
+    hbm = rb * nv * BN * D * s + 2 * _waves(rb) * V * D * s + rb * nv * BN * D * 8
+    return KernelCost(flops, hbm, rb, "h block per V tile + 2 W per wave + fp32 dh slab RMW per V tile")
+
+
+def _fused_dw(L: Launch) -> KernelCost:
+    N, V, D, BN, BV, s, _, rb, nv, Dp = _tiles(L)
+    flops = 2 * 2.0 * nv * BV * rb * BN * Dp
+    hbm = nv * rb * BV * D * s + 2 * _waves(nv) * rb * BN * D * s + nv * rb * BV * D * 8
+    return KernelCost(flops, hbm, nv, "W tile per row block + 2 h per wave + fp32 dW slab RMW per row block")
+
+
+def _chunk_rows(L: Launch) -> KernelCost:
+    V = int(L.args["V"])
+    rows = L.grid[0]
+    sx, sdx = _itemsize(L.args["x"]), _itemsize(L.args["dx"])
+    y = L.args["y"]
+    active = rows
+    if L.name == "_lce_chunk_bwd_row_kernel" and getattr(y, "_shadow", None) is not None:
+        active = int((y._shadow != int(L.args["ignore_index"])).sum())
+    hbm = active * V * (2 * sx + sdx) + (rows - active) * V * sdx
+    return KernelCost(0.0, float(hbm), rows, "2 reads of the stored row + 1 write of dx")
+
+
+KERNEL_FORMULAS.update({
+    "_lce_stats_fwd_kernel": _fused_fwd,
+    "_lce_bwd_dh_kernel": _fused_dh,
+    "_lce_bwd_dw_kernel": _fused_dw,
+    "_lce_chunk_row_kernel": _chunk_rows,
+    "_lce_chunk_bwd_row_kernel": _chunk_rows,
+})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# paths
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Path:
+    name: str
+    what: str
+    training: bool
+    floor_ndv: int  # the floor in units of N·D·V FLOPs
+    run: Callable  # (tracer, h, w, y, N) -> tensors to exclude from the workspace (outputs, gradients)
+
+
+def _lce(**kw):
+    from t3s_kernels import linear_cross_entropy
+
+    return lambda h, w, y, **more: linear_cross_entropy(h, w, y, **kw, **more)
+
+
+def _trainer(tr, h, w, y, N, zero_frac=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed + 1)
+    tw = (torch.rand(N, generator=g) >= zero_frac).float()
+    token_weight = tr.real(tw)
+    normalizer = tr.real(tw.sum().reshape(()))  # the step's token count, a device tensor (t3s/train.py)
+    loss = _lce(reduction="mean")(h, w, y, token_weight=token_weight, normalizer=normalizer)
+    loss.backward()
+    return loss, h.grad, w.grad
+
+
+def _mean(tr, h, w, y, N):
+    loss = _lce(reduction="mean")(h, w, y)
+    loss.backward()
+    return loss, h.grad, w.grad
+
+
+def _none(tr, h, w, y, N):
+    g = torch.Generator().manual_seed(7)
+    loss = _lce(reduction="none")(h, w, y)
+    loss.backward(tr.real(torch.randn(N, generator=g)))
+    return loss, h.grad, w.grad
+
+
+def _forward(tr, h, w, y, N):
+    from t3s_kernels import token_logprobs
+
+    with torch.no_grad():
+        out = token_logprobs(h, w, y, return_entropy=True)
+    return tuple(out)
+
+
+PATHS = {
+    p.name: p
+    for p in (
+        Path("trainer", "weighted mean + normalizer, fwd+bwd (t3s/train.py)", True, 6, _trainer),
+        Path("mean", "unweighted mean, fwd+bwd", True, 6, _mean),
+        Path("none", "reduction='none' + backward(random grad)", True, 6, _none),
+        Path("w50", "trainer call, 50 % zero weight (floor: dense 6NDV)", True, 6,
+             lambda tr, h, w, y, N: _trainer(tr, h, w, y, N, zero_frac=0.5)),
+        Path("forward", "token_logprobs + entropy, no_grad (profiler)", False, 2, _forward),
+    )
+}
+
+
+def trace_path(path: str, N: int, D: int, V: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+               device: str = "cuda") -> TraceSummary:
+    """Run ``path`` at ``[N, D] × [V, D]`` on traced tensors and return its totals."""
+    p = PATHS[path]
+    tr = CostTracer(device)
+    h = tr.tensor((N, D), dtype, requires_grad=p.training)
+    w = tr.tensor((V, D), dtype, requires_grad=p.training)
+    g = torch.Generator().manual_seed(seed)
+    y = tr.real(torch.randint(0, V, (N,), generator=g))
+    with tr, tr.triton_launches():
+        outputs = p.run(tr, h, w, y, N)
+        summary = summarise(tr, tuple(outputs))
+    return summary
+
+
+def predict(path: str, N: int, D: int, V: int, gpus: dict[str, GPU], summary: TraceSummary | None = None) -> dict:
+    """One row: traced totals and the predicted time / ratio to the floor per GPU."""
+    s = summary if summary is not None else trace_path(path, N, D, V)
+    p = PATHS[path]
+    ndv = float(N) * D * V
+    row = {
+        "bench": BENCH, "kind": "predicted", "path": path, "N": N, "D": D, "V": V, "dtype": "bf16",
+        "gemm_flops": s.gemm_flops, "gemm_x_ndv": s.gemm_flops / ndv, "hbm_gb": s.hbm_bytes / 1e9,
+        "workspace_mib": s.workspace_bytes / MiB, "host_syncs": s.host_syncs, "launches": s.launches,
+        "workspace_at_peak": s.workspace_at_peak, "floor": f"{p.floor_ndv}NDV",
+    }
+    for key, gpu in gpus.items():
+        t = sum(event_ms(r, gpu) for r in s.records)
+        row[f"{key}_ms"] = t
+        row[f"{key}_floor_ms"] = floor_ms(p.floor_ndv * ndv, gpu)
+        row[f"{key}_x"] = t / row[f"{key}_floor_ms"]
+    return row
+
+
+def top_events(summary: TraceSummary, gpu: GPU, k: int) -> list[dict]:
+    """The ``k`` costliest event kinds (same name and shapes), with their summed predicted time."""
+    groups: dict[tuple, dict] = {}
+    for r in summary.records:
+        key = (r.kind, r.name, r.shapes if r.kind == "aten" else r.formula)
+        g = groups.setdefault(key, {"kind": r.kind, "op": r.name, "count": 0, "ms": 0.0, "gflop": 0.0, "gb": 0.0,
+                                    "shapes": str(key[2])[:70]})
+        g["count"] += 1
+        g["ms"] += event_ms(r, gpu)
+        g["gflop"] += r.gemm_flops / 1e9
+        g["gb"] += r.hbm_bytes / 1e9
+    return sorted(groups.values(), key=lambda g: -g["ms"])[:k]
+
+
+TABLE_COLS = ("path", "N", "D", "V", "gemm_x_ndv", "hbm_gb", "workspace_mib", "host_syncs", "h100_x", "h200_x",
+              "h200_ms")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser(BENCH, __doc__.splitlines()[0])
+    p.add_argument("--n", type=int, nargs="+", default=list(NS), help="token counts N")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=list(SHAPES), metavar="DxV")
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    p.add_argument("--gpus", nargs="+", default=list(GPUS), choices=list(GPUS))
+    p.add_argument("--gemm-eff", type=float, default=None, help="achievable cuBLAS fraction of peak (0.80)")
+    p.add_argument("--triton-eff", type=float, default=None, help="achievable Triton tl.dot fraction (0.60)")
+    p.add_argument("--hbm-eff", type=float, default=None, help="achievable HBM fraction (0.85)")
+    p.add_argument("--ops", type=int, default=0, help="also print the K costliest events per row (H200)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    over = {k: v for k, v in (("gemm_eff", args.gemm_eff), ("triton_eff", args.triton_eff),
+                              ("hbm_eff", args.hbm_eff)) if v is not None}
+    gpus = {k: replace(GPUS[k], **over) for k in args.gpus}
+    meta = stamp("cpu")
+    meta["device"] = "predicted (traced on " + meta["device"] + ")"
+    rows = []
+    for D, V in args.shapes:
+        for N in args.n:
+            for path in args.paths:
+                s = trace_path(path, N, D, V)
+                row = predict(path, N, D, V, gpus, s)
+                for key, gpu in gpus.items():
+                    row[f"{key}_assumed"] = (f"{gpu.bf16_tflops:g} TF/s x {gpu.gemm_eff:g} gemm, x {gpu.triton_eff:g}"
+                                             f" triton; {gpu.hbm_tbs:g} TB/s x {gpu.hbm_eff:g}")
+                rows.append(dict(row, **meta))
+                print(format_table([row], TABLE_COLS).splitlines()[-1 if rows[:-1] else 0], flush=True)
+                if not rows[:-1]:
+                    print(format_table([row], TABLE_COLS).splitlines()[-1], flush=True)
+                if args.ops:
+                    print(format_table(top_events(s, gpus.get("h200", next(iter(gpus.values()))), args.ops),
+                                       ("kind", "op", "count", "ms", "gflop", "gb", "shapes")))
+    print()
+    print("PREDICTED (cost model, not measured):")
+    print(format_table(rows, [c for c in TABLE_COLS if c in rows[0]]))
+    if not args.no_save:
+        print(f"\nappended {len(rows)} rows to {append_rows(BENCH, rows, args.results_dir)}")
+    return 0
