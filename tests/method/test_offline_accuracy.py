@@ -44,7 +44,7 @@ def test_trajectory_eval_runs_one_engine_per_checkpoint_and_keeps_only_theta_b_a
     cfg = tiny_config(tmp_path / "m", run, "generation.backend=vllm", "generation.tensor_parallel_size=2",
                       "variants=[sft,t3s]")
     p = Pipeline(cfg, progress=False, log=lambda s: None)
-    names = [n for n, _ in p.stages()]
+    names = [st.name for st in p.stages()]
     assert names[:3] == ["sft_trajectory", "trajectory_eval", "bottleneck"]
     p.stage_trajectory()
     assert sorted(x.name for x in (run / "trajectory" / "checkpoints").iterdir()) == [

@@ -35,11 +35,14 @@ def root(tmp_path_factory):
     return root
 
 
+CLEAN = (VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2",
+         "diagnostics.anchor_intervention=true")  # the overrides clean_run was made with
+
+
 @pytest.fixture(scope="module")
 def clean_run(root, tmp_path_factory):
     run = tmp_path_factory.mktemp("clean")
-    cfg = tiny_config(root, run, VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2",
-                      "diagnostics.anchor_intervention=true")
+    cfg = tiny_config(root, run, *CLEAN)
     report = run_pipeline(cfg, progress=False, log=lambda s: None)
     return run, report
 
@@ -76,7 +79,8 @@ def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     sft = _weights(run, "sft")
     assert all(torch.equal(traj[k], sft[k]) for k in sft)
     # RRT takes θf from the trajectory run itself (argmin runs it to the end).
-    assert json.loads((run / ".stages" / "rrt.json").read_text())["theta_f"] == str(run / "trajectory" / "final")
+    rrt_marker = json.loads((run / ".stages" / "rrt.json").read_text())
+    assert rrt_marker["info"]["theta_f"] == str(run / "trajectory" / "final")
     text = report.read_text()
     assert "argmin of training accuracy over the whole trajectory (paper Eq. 1)" in text
     assert "confirmed at" not in text and "max_new_tokens 6" in text
@@ -164,9 +168,6 @@ def test_cli_overrides_may_follow_flags_and_bad_flags_are_errors(clean_run, caps
 
 
 # ---- resume by dependency, integrity, validation before work (issue 15) ----------------------------------------
-
-CLEAN = (VARIANTS, "diagnostics.loss_transfer=true", "diagnostics.loss_transfer_steps=2")
-
 
 def _copy(run, dest):
     import shutil
