@@ -185,10 +185,8 @@ def _autocast_entry(fn):
 
 def _token_stats(hidden, weight, bias, targets, opts, backend, vp):
     """The per-token primitive outside the chunked path: vocabulary-parallel shards, calls traced by
-    ``torch.compile`` (the op ``t3s::token_stats``), and the fused Triton strategy. Off CUDA the chunked path's
-    torch rows are not a primitive of this shape, so the reference serves there."""
-    if backend == "torch":
-        backend = "reference"
+    ``torch.compile`` (the op ``t3s::token_stats``), and the fused Triton strategy (off CUDA: the chunked path's
+    torch rows, in the primitive's shape)."""
     if vp is None and torch.compiler.is_compiling():
         # traced as the custom op t3s::token_stats (eager calls never go through it)
         return _ops.token_stats(hidden, weight, bias, targets, opts, backend)

@@ -173,6 +173,9 @@ class ChunkPlan(NamedTuple):
     bytes: int  # workspace of the plan (buffers below; the fp32 dW accumulator is counted separately)
 
 
+_GEMM_TILE_ROWS = 128  # cuBLAS's M tile at LLM shapes (bf16 / fp16 on sm_90)
+
+
 def plan_chunks(n: int, V: int, D: int, hidden: torch.Tensor, opts: ChunkedOptions, *, with_dx: bool,
                 gather: bool, extra_scratch: bool = False) -> ChunkPlan:
     """Rows per super-chunk / statistics sub-chunk for ``n`` active rows within the workspace budget."""
@@ -198,6 +201,8 @@ def plan_chunks(n: int, V: int, D: int, hidden: torch.Tensor, opts: ChunkedOptio
     # fp32 statistics sub-chunk (+ scratch) gets a third of the budget, the half super-chunk the rest
     stats_per_row = V * 4 * (1 + n_scr)
     stats_rows = max(1, min(n, (budget // 3 if with_dx else budget) // stats_per_row))
+    if stats_rows > _GEMM_TILE_ROWS:  # whole 128-row GEMM tiles: a ragged last tile costs a full tile of FLOPs
+        stats_rows -= stats_rows % _GEMM_TILE_ROWS
     if with_dx:
         rows = max(1, (budget - stats_rows * stats_per_row) // (V * csz + per_row_small))
         rows = max(stats_rows, (rows // stats_rows) * stats_rows)  # whole sub-chunks per super-chunk

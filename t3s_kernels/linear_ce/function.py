@@ -190,6 +190,13 @@ def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backen
             temperature=opts.temperature, want_sumz=opts.want_sumz, want_entropy=opts.want_entropy,
         )
         return r.lse, r.lse - r.tgt, r.sumz, r.entropy
+    if backend == "torch":  # the chunked PyTorch path (impl="auto" off CUDA) in the primitive's shape
+        copts = ChunkedOptions(softcap=opts.softcap, temperature=opts.temperature, want_smooth=opts.want_sumz,
+                               want_entropy=opts.want_entropy, row_impl="torch")
+        idx = chunked.active_row_index(targets != opts.ignore_index, None)
+        nll, lse, smooth, ent = chunked_token_stats(hidden, weight, bias, targets, idx, copts)
+        sumz = (lse - smooth) * weight.shape[0] if smooth is not None else None  # smooth = lse − Σz / V
+        return lse, nll, sumz, ent
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:  # one fused forward pass, nothing saved
         k = _kernels()

@@ -63,9 +63,10 @@ def run_case(case: dict, vp_cls, rank: int, world: int, failures: list, use_dten
                 b_use = b[sl].clone().requires_grad_(True) if b is not None else None
                 extra["vocab_parallel"] = vp
                 leaves = (h, w_use, b_use)
-        else:
+        else:  # the yardstick is PyTorch's own fp32 error (the reference path), as everywhere in the tests
             w_use, b_use = w_full, b_full
             leaves = (h, w_use, b_use)
+            extra["impl"] = "reference"
         y = targets
         if kind == "ce":
             red = case["reduction"]
