@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-OUT_DIR="${OUT:-/tmp/gpu_check_out}"
+OUT_DIR="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 DRY="${GPU_CHECK_DRY:-0}"
@@ -34,8 +34,9 @@ step() {  # step NAME SECONDS CMD...: run with a limit, report rc and time, neve
 }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  SITE_DIR=$(mktemp -d)  # the carried wheels, beside the image's packages
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE_DIR" .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:$SITE_DIR"
 fi
 
 step env 45 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv || true;

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _lce_oracle import grads_of, naive_ce, naive_token_logprobs
+from _lce_oracle import check_ce_against_oracle, grads_of, naive_token_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -54,21 +54,7 @@ def _ce_check(h, W, b, y, dtype, path, *, upstream=None, **kw):
     def ours(h_, W_, b_):
         return linear_cross_entropy(h_, W_, y, bias=b_, **path, **kw)
 
-    def naive(h_, W_, b_, **dt):
-        return naive_ce(h_, W_, y, bias=b_, **kw, **dt)
-
-    out, grads = grads_of(ours, (h, W, b), upstream=upstream)
-    out_o, grads_o = grads_of(naive, (h, W, b), upstream=upstream)
-    out_b, grads_b = grads_of(lambda *a: naive(*a, matmul_dtype=dtype, math_dtype=torch.float32), (h, W, b),
-                              upstream=upstream)
-    for name, a, o, bb in zip(("loss", "lse"), out, out_o, out_b):
-        assert a.dtype == torch.float32
-        assert_close_to_oracle(name, a, o, bb, dtype=dtype)
-    for name, a, o, bb in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_o, grads_b):
-        if o is not None:
-            assert a.dtype == dtype
-            assert_close_to_oracle(name, a, o, bb, dtype=dtype)
-    return out, grads
+    return check_ce_against_oracle(ours, h, W, b, y, dtype, upstream=upstream, **kw)
 
 
 OPTIONS = [

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _lce_oracle import grads_of, naive_ce
+from _lce_oracle import check_ce_against_oracle
 
 from t3s_kernels.linear_ce import function as lce_function
 from t3s_kernels.linear_ce import kernels as lce_kernels
 from t3s_kernels.linear_ce import linear_cross_entropy
-from t3s_kernels.testing import assert_close_to_oracle
 
 F64 = torch.float64
 
@@ -36,23 +35,7 @@ def _check_against_oracle(h, W, b, y, dtype, *, upstream=None, **kw):
         return linear_cross_entropy(h_, W_, y, bias=b_, impl="triton", **kw)
 
     kw_naive = {k: v for k, v in kw.items() if k != "strategy"}
-
-    def naive(h_, W_, b_, **dt):
-        return naive_ce(h_, W_, y, bias=b_, **kw_naive, **dt)
-
-    out, grads = grads_of(ours, (h, W, b), upstream=upstream)
-    out_o, grads_o = grads_of(naive, (h, W, b), upstream=upstream)
-    out_b, grads_b = grads_of(
-        lambda *a: naive(*a, matmul_dtype=dtype, math_dtype=torch.float32), (h, W, b), upstream=upstream
-    )
-    assert out[0].dtype == torch.float32
-    for name, a, o, bb in zip(("loss", "lse"), out, out_o, out_b):
-        assert_close_to_oracle(name, a, o, bb, dtype=dtype)
-    for name, a, o, bb in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_o, grads_b):
-        if o is not None:
-            assert a.dtype == dtype
-            assert_close_to_oracle(name, a, o, bb, dtype=dtype)
-    return out, grads
+    return check_ce_against_oracle(ours, h, W, b, y, dtype, upstream=upstream, **kw_naive)
 
 
 SHAPES = [
