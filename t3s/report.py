@@ -82,7 +82,8 @@ def collect(run_dir: str | Path) -> dict:
     out["loss_transfer"] = read_json(lt) if lt.exists() else None
     ev = run / "trajectory" / "evaluation.json"
     out["accuracy_settings"] = read_json(ev) if ev.exists() else None
-    out["rrt"] = stage_info(run, "rrt")
+    rrt = stage_info(run, "rrt") or {}
+    out["rrt"] = rrt.get("info", rrt)  # the stage's own return value (t3s.stages keeps it under "info")
     return out
 
 

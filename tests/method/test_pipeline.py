@@ -84,6 +84,7 @@ def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     text = report.read_text()
     assert "argmin of training accuracy over the whole trajectory (paper Eq. 1)" in text
     assert "confirmed at" not in text and "max_new_tokens 6" in text
+    assert f"θf = `{run / 'trajectory' / 'final'}`" in text
     assert "θb is unreliable" in text  # tiny_config takes θb from a flat / truncated curve with on_bad_curve=warn
 
 
