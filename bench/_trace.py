@@ -397,7 +397,7 @@ class CostTracer(TorchDispatchMode):
                 if ix._shadow is None:
                     raise RuntimeError(f"{func}: boolean index without a traced value") from exc
                 nz = ix._shadow.nonzero()
-                for k in range(nz.shape[1]):
+                for _ in range(nz.shape[1]):
                     new.append(torch.empty(nz.shape[0], dtype=torch.long, device="meta"))
             else:
                 new.append(_elem(ix))

@@ -64,7 +64,8 @@ def compare(results_dir: str | Path) -> list[dict]:
                 "measured_date": m.get("date", ""),
             })
     for r in rows:
-        r["measured_over_predicted"] = r["measured_x"] / r["predicted_x"] if r["predicted_x"] == r["predicted_x"] else ""
+        has_prediction = r["predicted_x"] == r["predicted_x"]  # not NaN
+        r["measured_over_predicted"] = r["measured_x"] / r["predicted_x"] if has_prediction else ""
     return rows
 
 

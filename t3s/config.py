@@ -31,7 +31,7 @@ DLLM_VARIANTS = ("sft", "t3s")
 """``train.mode=dllm``: block-diffusion SFT (random masks) and dLLM T3S (union mask with the targets)."""
 
 
-def check_dllm_pipeline(cfg: "Config") -> None:
+def check_dllm_pipeline(cfg: Config) -> None:
     """What ``t3s run`` needs in ``train.mode=dllm`` (``t3s train --mode dllm`` needs none of it)."""
     if not cfg.model.selector:
         raise ConfigError("train.mode=dllm: set model.selector to the AR selector model (a causal LM sharing the "
@@ -42,7 +42,7 @@ def check_dllm_pipeline(cfg: "Config") -> None:
                           "(set variants=[sft,t3s])")
 
 
-def trajectory_stops_early(cfg: "Config") -> bool:
+def trajectory_stops_early(cfg: Config) -> bool:
     """Whether the SFT trajectory may end before ``train.steps`` (then it has no final checkpoint θf)."""
     return cfg.bottleneck.stop_early and cfg.bottleneck.method in ("online", "fixed")
 

@@ -221,7 +221,7 @@ def generate_tokens(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
             step_ids = nxt[:, None]
         if dummy:
             continue
-        stops = set(int(e) for e in eos_token_ids)
+        stops = {int(e) for e in eos_token_ids}
         for r, i in enumerate(idx):
             toks = new[r].tolist()
             cut = next((j for j, t in enumerate(toks) if t in stops), None)

@@ -406,8 +406,7 @@ class Pipeline:
 
     def validate(self) -> None:
         """Check everything a later stage needs, so a mistake costs seconds, not a trained stage."""
-        from t3s.preflight import (check_file, check_model_dir, check_tokenizer_dir, check_verifier,
-                                   check_vocabulary)
+        from t3s.preflight import check_file, check_model_dir, check_tokenizer_dir, check_verifier, check_vocabulary
 
         c = self.cfg
         if self.dllm:

@@ -744,7 +744,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--packing", action="store_true",
                         help="score packed rows (per-document position ids, no padding) of --batch-tokens tokens")
     parser.add_argument("--attn-implementation", default=None,
-                        help="auto (flash_attention_2 with flash-attn on CUDA, else sdpa), sdpa, eager, flash_attention_2")
+                        help="auto (flash_attention_2 with flash-attn on CUDA, else sdpa), sdpa, eager, "
+                             "flash_attention_2")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="recompute everything")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument(

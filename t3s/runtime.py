@@ -10,6 +10,7 @@ in the run directory (``provenance.json``) and the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -39,10 +40,9 @@ def apply_runtime(runtime: Any, seed: int) -> dict:
     if runtime.threads:
         torch.set_num_threads(int(runtime.threads))
     if runtime.interop_threads and torch.get_num_interop_threads() != runtime.interop_threads:
-        try:
+        # only settable before the first inter-op parallel work; provenance records the real value
+        with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(int(runtime.interop_threads))
-        except RuntimeError:
-            pass  # only settable before the first inter-op parallel work; provenance records the real value
     if runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True

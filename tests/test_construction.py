@@ -37,7 +37,7 @@ D, V = 4096, 151936
 BIG_N = 32768
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def traced(path: str, N: int, D: int = D, V: int = V, device: str = "cuda", dtype: str = "bfloat16"):
     return cost_model.trace_path(path, N, D, V, dtype=getattr(torch, dtype), device=device)
 

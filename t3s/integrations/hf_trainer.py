@@ -79,7 +79,8 @@ class SelectionCollator:
         if isinstance(selection, str | Path):
             selection = load_selection(selection)
         if selection is not None and not isinstance(selection, Selection):
-            raise TypeError(f"selection must be a Selection, a selection folder or None, got {type(selection).__name__}")
+            kind = type(selection).__name__
+            raise TypeError(f"selection must be a Selection, a selection folder or None, got {kind}")
         if selection is not None and selection.meaning != "loss_weight":
             raise ValueError(f"selection rule {selection.rule!r} marks dLLM targets, not AR loss weights; use an AR "
                              "rule (t3s, neg_t3s, static_*, random) with the causal-LM Trainer")

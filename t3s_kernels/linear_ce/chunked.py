@@ -108,7 +108,7 @@ class RowGrads(NamedTuple):
     g_ent: torch.Tensor | None = None
     g_lse2: torch.Tensor | None = None
 
-    def take(self, sl) -> "RowGrads":
+    def take(self, sl) -> RowGrads:
         return RowGrads(*(None if g is None else g[sl] for g in self))
 
 

@@ -122,12 +122,12 @@ def resolve_vocab_parallel(
         if vocab_parallel is not None:
             raise ValueError(f"{fn}: pass either a DTensor weight or vocab_parallel=, not both")
         return VocabParallel.from_dtensor(weight, bias)
-    if vocab_parallel is not None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        if weight.shape[0] != vocab_parallel.local_size:
-            raise ValueError(
-                f"{fn}: weight has {weight.shape[0]} rows but vocab_parallel gives this rank "
-                f"[{vocab_parallel.vocab_start}, {vocab_parallel.vocab_end}) = {vocab_parallel.local_size} rows"
-            )
+    if (vocab_parallel is not None and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and weight.shape[0] != vocab_parallel.local_size):
+        raise ValueError(
+            f"{fn}: weight has {weight.shape[0]} rows but vocab_parallel gives this rank "
+            f"[{vocab_parallel.vocab_start}, {vocab_parallel.vocab_end}) = {vocab_parallel.local_size} rows"
+        )
     return weight, bias, vocab_parallel
 
 

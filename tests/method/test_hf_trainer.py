@@ -63,9 +63,8 @@ def _trainer(setting, tmp_path, idx, *, use_loss_func: bool, trl: bool = False):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     before = {k: v.detach().clone() for k, v in lm.state_dict().items()}
     if trl:
-        from trl import SFTConfig
-
         from datasets import Dataset
+        from trl import SFTConfig
 
         args = SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True})
         trainer = t3s_sft_trainer()(model=lm, args=args, train_dataset=Dataset.from_list(data),
