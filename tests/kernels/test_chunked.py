@@ -13,7 +13,7 @@ from _lce_oracle import check_ce_against_oracle, grads_of, naive_token_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from t3s_kernels.linear_ce import chunked, linear_cross_entropy, token_logprobs
+from t3s_kernels.linear_ce import linear_cross_entropy, token_logprobs
 from t3s_kernels.testing import assert_close_to_oracle
 
 F64 = torch.float64
@@ -35,19 +35,6 @@ def _inputs(N, V, D, dtype, *, ignore_frac=0.2, bias=True, weights=False, seed=0
         w = torch.rand(N, generator=g) + 0.5
         w[torch.rand(N, generator=g) < 0.5] = 0.0
     return h, W, b, y, w
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Super-chunks of 7 rows, statistics sub-chunks of 3: several of each on tiny inputs."""
-    real = chunked.plan_chunks
-
-    def plan(*a, **k):
-        p = real(*a, **k)
-        rows = min(p.rows, 7)
-        return p._replace(rows=rows, stats_rows=min(p.stats_rows, 3, rows))
-
-    monkeypatch.setattr(chunked, "plan_chunks", plan)
 
 
 def _ce_check(h, W, b, y, dtype, path, *, upstream=None, **kw):
