@@ -1,7 +1,7 @@
 """The ``t3s`` command.
 
     t3s run CONFIG.yaml [key=value ...]     the whole pipeline (resumes a stopped run)
-    t3s demo [key=value ...]                the offline CPU demo (t3s/configs/demo.yaml)
+    t3s demo [--seeds K] [key=value ...]    the offline CPU demo (t3s/configs/demo.yaml), K seeds
     t3s train CONFIG.yaml [key=value ...] [--selection DIR] [--out DIR] [--mode ar|dllm]
                                             one training run (AR SFT / a selection, or block diffusion)
     t3s profile --model M --data D --out S  per-token confidence c_t of one checkpoint
@@ -55,12 +55,14 @@ def demo_config(overrides: list[str]):
     return load_config(path, overrides)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _demo_one(overrides: list[str], *, progress: bool) -> dict:
+    """One demo run (pretrain θ0 if needed, the pipeline, per-family evaluation); returns the family results."""
     from t3s.demo import PretrainSpec, TaskSpec, TinyModelSpec, prepare_demo
+    from t3s.demo.results import evaluate_families
     from t3s.pipeline import check_resumable, run_pipeline
     from t3s.report import format_table
 
-    cfg = demo_config(args.overrides)
+    cfg = demo_config(overrides)
     asset_keys = ("model.path", "model.tokenizer", "data.train", "data.heldout")
     check_resumable(cfg.run_dir, cfg, ignore=asset_keys)  # before pretraining can overwrite the run's θ0
     kw = dict(cfg.demo)
@@ -68,15 +70,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     assets = prepare_demo(cfg.run_dir, **kw)
-    explicit = {o.split("=", 1)[0] for o in args.overrides}
+    explicit = {o.split("=", 1)[0] for o in overrides}
     for key, value in zip(asset_keys, (assets.base_model_dir, assets.tokenizer_dir, assets.train_path,
                                        assets.heldout_path)):
         if key not in explicit:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, str(value))
     print(assets.description)
-    report = run_pipeline(cfg, progress=not args.no_progress, description=assets.description)
+    report = run_pipeline(cfg, progress=progress, description=assets.description)
     _print_result(cfg, report, format_table)
+    return evaluate_families(cfg.run_dir, cfg, assets.heldout_family_paths)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from t3s import distributed as D
+    from t3s.demo.results import format_seed_tables
+    from t3s.io import write_json_atomic, write_text_atomic
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    base = demo_config(args.overrides)
+    if args.seeds == 1:
+        results = {int(base.demo.get("seed", 0)): _demo_one(args.overrides, progress=not args.no_progress)}
+        out_dir = Path(base.run_dir)
+    else:
+        results = {}
+        seed0, train_seed0 = int(base.demo.get("seed", 0)), int(base.train.seed)
+        for i in range(args.seeds):
+            seed = seed0 + i
+            print(f"\n===== demo seed {seed} ({i + 1}/{args.seeds}) =====")
+            results[seed] = _demo_one([*args.overrides, f"run_dir={Path(base.run_dir) / f'seed{seed}'}",
+                                       f"demo.seed={seed}", f"train.seed={train_seed0 + i}"],
+                                      progress=not args.no_progress)
+        out_dir = Path(base.run_dir)
+    table = format_seed_tables(results)
+    if D.is_main():
+        write_text_atomic(out_dir / "seeds.md", table + "\n")
+        write_json_atomic(out_dir / "seeds.json", {str(k): v for k, v in results.items()})
+        print("\n" + table + "\n")
+        print(f"per-family results: {out_dir / 'seeds.md'}")
     return 0
 
 
@@ -127,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_overrides(sub.add_parser("run", help="run or resume the whole pipeline")).set_defaults(fn=cmd_run)
-    with_overrides(sub.add_parser("demo", help="offline CPU demo (about 10 minutes on 2 cores)"),
-                   config=False).set_defaults(fn=cmd_demo)
+    dm = with_overrides(sub.add_parser("demo", help="offline CPU demo (about 5 minutes on 2 cores per seed)"),
+                        config=False)
+    dm.add_argument("--seeds", type=int, default=1,
+                    help="run K pretraining / distillation seeds (demo.seed, demo.seed+1, ...; each in RUN_DIR/seedN) "
+                         "and report mean ± sd per model and family")
+    dm.set_defaults(fn=cmd_demo)
     tr = with_overrides(sub.add_parser("train", help="one training run (SFT, a selection, or dLLM)"))
     tr.add_argument("--selection", help="selection folder from `t3s select` (per-token weights / dLLM targets)")
     tr.add_argument("--out", help="output folder (default RUN_DIR/train)")
