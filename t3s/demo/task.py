@@ -1,21 +1,27 @@
-"""The demo's synthetic reasoning task: three-operand integer arithmetic with verifiable answers.
+"""The demo's synthetic reasoning task: integer arithmetic chains with verifiable answers, in two families.
 
-A problem is ``a op1 b op2 c`` with operands in ``[lo, hi]`` and ``op`` in ``{+, -}``, chosen so that no
-intermediate result is negative. Two "teachers" write the same computation in different styles:
+A problem is ``x0 op1 x1 op2 x2 ...`` with operands in ``[lo, hi]`` and ``op`` in ``{+, -}``, evaluated left to
+right, with no negative intermediate result. The **old family** has three operands (two steps): the student θ0
+is pretrained on it. The **new family** has ``new_operands`` operands (default four, three steps); θ0 never sees
+it, so it lacks the skill of chaining one more step, while every single step stays inside what pretraining
+covered. Two "teachers" write the computation in different styles:
 
 * **teacher A** (the student's own, terse style, used for pretraining)::
 
       55+39=94,94-61=33.####33
 
-* **teacher B** (the "out-of-distribution" teacher the student is continually distilled on): a wrapper of
-  words, an extra verification step and a different answer marker::
+* **teacher B** (the teacher the student is continually distilled on, on both families): a wrapper of words and
+  a different answer marker (``style="verbose"``; ``check=True`` adds a verification step)::
 
-      Let me think step by step. First, 55+39=94. Next, 94-61=33. Check: 33+61=94, correct. So the answer is \\boxed{33}
+      Let me think step by step. First, 55+39=94. Next, 94-61=33. Next, 33+12=45. So the answer is \\boxed{45}
+
+  or the shorter ``style="compact"``: ``Let me think. 55+39=94,94-61=33,33+12=45. So \\boxed{45}``.
 
 Held-out problems are chosen by a hash of the operands and operators, so they are never seen in pretraining
 nor in the teacher-B training set. Everything is a pure function of the seed.
 
-Records use the canonical form ``{id, prompt, response, answer}``.
+Records use the canonical form ``{id, prompt, response, answer}``; the family is in the id
+(``train-new-55+39-61+12``) and follows from the prompt (:func:`family_of`).
 """
 
 from __future__ import annotations
@@ -211,7 +217,7 @@ def trace_a_with_filler(p: Problem, rng: random.Random, *, max_words: int = 3, v
     slots = rng.sample(range(len(pieces)), k=rng.randint(1, 2))
     for s in sorted(slots, reverse=True):
         words = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, max_words)))
-        out.insert(s, f" {words} ")
+        out.insert(s, f"{words} " if s == 0 else f" {words} ")  # at the start like B's first word
     return "".join(out)
 
 
@@ -295,6 +301,7 @@ def all_texts_for_vocab(spec: TaskSpec) -> list[str]:
     p = Problem((spec.lo, spec.lo, spec.lo), ("+", "-"))
     texts += [trace_a(p)] + [trace_b(p, check=c, style=st) for c in (True, False) for st in B_STYLES]
     texts.append(" " + " ".join(FILLER_WORDS + B_WORDS))
+    texts += list(FILLER_WORDS + B_WORDS)  # a trace may start with any of them (no leading space)
     texts.append(" ".join(".,:=+-"))
     return texts
 
