@@ -4,7 +4,9 @@
                                             the whole pipeline; a re-run reuses every finished stage whose
                                             config keys, inputs and outputs are unchanged, and says why
                                             it re-runs the others (--redo STAGE re-runs one anyway)
-    t3s demo [key=value ...] [--redo STAGE] the offline CPU demo (t3s/configs/demo.yaml)
+    t3s demo [--seeds K] [key=value ...] [--redo STAGE]
+                                            the offline CPU demo (t3s/configs/demo.yaml); K seeds
+                                            give mean ± sd per model and problem family
     t3s train CONFIG.yaml [key=value ...] [--selection DIR] [--out DIR] [--mode ar|dllm]
                                             one training run (AR SFT / a selection, or block diffusion)
     t3s profile --model M --data D --out S  per-token confidence c_t of one checkpoint
@@ -71,9 +73,11 @@ def demo_config(overrides: list[str]):
     return _load(path, overrides)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    cfg = demo_config(args.overrides)
+def _demo_one(overrides: list[str], *, progress: bool, redo=()) -> dict:
+    """One demo run (pretrain θ0 if needed, the pipeline, per-family evaluation); returns the family results."""
+    cfg = demo_config(overrides)
     from t3s.demo import PretrainSpec, TaskSpec, TinyModelSpec, prepare_demo
+    from t3s.demo.results import evaluate_families
     from t3s.pipeline import run_pipeline
     from t3s.preflight import check_kwargs
     from t3s.report import format_table
@@ -81,22 +85,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     specs = {"task": TaskSpec, "model": TinyModelSpec, "pretrain_spec": PretrainSpec}
     check_kwargs("demo", prepare_demo, cfg.demo, nested=specs, reserved=("run_dir", "log"))
+    asset_keys = ("model.path", "model.tokenizer", "data.train", "data.heldout")
     kw = dict(cfg.demo)
     for key, cls in specs.items():
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     apply_runtime(cfg.runtime, cfg.train.seed)  # θ0's pretraining is part of the run's numbers too
     assets = prepare_demo(cfg.run_dir, **kw)
-    explicit = {o.split("=", 1)[0] for o in args.overrides}
-    for key, value in zip(("model.path", "model.tokenizer", "data.train", "data.heldout"),
-                          (assets.base_model_dir, assets.tokenizer_dir, assets.train_path, assets.heldout_path),
-                          strict=True):
+    explicit = {o.split("=", 1)[0] for o in overrides}
+    for key, value in zip(asset_keys, (assets.base_model_dir, assets.tokenizer_dir, assets.train_path,
+                                       assets.heldout_path), strict=True):
         if key not in explicit:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, str(value))
     print(assets.description)
-    report = run_pipeline(cfg, progress=not args.no_progress, description=assets.description, redo=args.redo)
+    report = run_pipeline(cfg, progress=progress, description=assets.description, redo=redo)
     _print_result(cfg, report, format_table)
+    return evaluate_families(cfg.run_dir, cfg, assets.heldout_family_paths)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from t3s import distributed as D
+    from t3s.demo.results import format_seed_tables
+    from t3s.io import write_json_atomic, write_text_atomic
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    base = demo_config(args.overrides)
+    if args.seeds == 1:
+        results = {int(base.demo.get("seed", 0)): _demo_one(args.overrides, progress=not args.no_progress,
+                                                            redo=args.redo)}
+        out_dir = Path(base.run_dir)
+    else:
+        results = {}
+        seed0, train_seed0 = int(base.demo.get("seed", 0)), int(base.train.seed)
+        for i in range(args.seeds):
+            seed = seed0 + i
+            print(f"\n===== demo seed {seed} ({i + 1}/{args.seeds}) =====")
+            results[seed] = _demo_one([*args.overrides, f"run_dir={Path(base.run_dir) / f'seed{seed}'}",
+                                       f"demo.seed={seed}", f"train.seed={train_seed0 + i}"],
+                                      progress=not args.no_progress, redo=args.redo)
+        out_dir = Path(base.run_dir)
+    table = format_seed_tables(results)
+    if D.is_main():
+        write_text_atomic(out_dir / "seeds.md", table + "\n")
+        write_json_atomic(out_dir / "seeds.json", {str(k): v for k, v in results.items()})
+        print("\n" + table + "\n")
+        print(f"per-family results: {out_dir / 'seeds.md'}")
     return 0
 
 
@@ -160,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_overrides(sub.add_parser("run", help="run or resume the whole pipeline"), redo=True).set_defaults(
         fn=cmd_run)
-    with_overrides(sub.add_parser("demo", help="offline CPU demo (runtime: see README)"), config=False,
-                   redo=True).set_defaults(fn=cmd_demo)
+    dm = with_overrides(sub.add_parser("demo", help="offline CPU demo (runtime: see README)"), config=False,
+                        redo=True)
+    dm.add_argument("--seeds", type=int, default=1,
+                    help="run K pretraining / distillation seeds (demo.seed, demo.seed+1, ...; each in RUN_DIR/seedN) "
+                         "and report mean ± sd per model and family")
+    dm.set_defaults(fn=cmd_demo)
     tr = with_overrides(sub.add_parser("train", help="one training run (SFT, a selection, or dLLM)"))
     tr.add_argument("--selection", help="selection folder from `t3s select` (per-token weights / dLLM targets)")
     tr.add_argument("--out", help="output folder (default RUN_DIR/train)")

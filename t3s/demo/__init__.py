@@ -20,22 +20,23 @@ from pathlib import Path
 
 from t3s.demo.model import TinyModelSpec, build_model
 from t3s.demo.pretrain import PretrainSpec, answer_accuracy, pretrain
-from t3s.demo.task import TaskSpec, make_datasets
+from t3s.demo.task import FAMILIES, TaskSpec, family_of, make_datasets
 from t3s.demo.tokenizer import build_tokenizer
 from t3s.io import atomic_path, read_json, write_json_atomic, write_text_atomic
 
 __all__ = ["DemoAssets", "PretrainSpec", "TaskSpec", "TinyModelSpec", "prepare_demo", "DEMO_CONFIG_PATH"]
 
+PRETRAIN_VERSION = 3  # bump when the pretraining stream changes, so a cached θ0 is rebuilt
 DEMO_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 DESCRIPTION = (
-    "Synthetic three-operand arithmetic (operands {lo}-{hi}, + and -). The student is a tiny {arch} "
-    "({params:,} parameters, {layers} layers, width {hidden}, word-level vocabulary of {vocab}) pretrained on "
-    "teacher A's terse style ('25+17=42,42-19=23.####23') to {acc:.1%} held-out greedy accuracy; it is then "
-    "continually distilled on {n_train} traces of teacher B's verbose style ('Let me think step by step. First, "
-    "25+17=42. Next, 42-19=23. Check: 23+19=42, correct. So the answer is \\boxed{{23}}'): same equations, a "
-    "wrapper of words, an extra verification step and a different answer marker. Held-out problems "
-    "(by a hash of the operands) were never seen in pretraining or distillation."
+    "Synthetic integer arithmetic (operands {lo}-{hi}, + and -, evaluated left to right). The student is a tiny "
+    "{arch} ({params:,} parameters, {layers} layers, width {hidden}, word-level vocabulary of {vocab}) pretrained on "
+    "three-operand problems in teacher A's terse style ('25+17=42,42-19=23.####23'): {acc:.1%} held-out greedy "
+    "accuracy on them (the old family), {acc_new:.1%} on {new_operands}-operand chains (the new family), which it "
+    "never saw. It is then continually distilled on {n_train} traces of teacher B ({new_pct:.0%} of them on the new "
+    "family) written in B's style, e.g. '{example}'. Held-out problems (by a hash of the operands) were never seen "
+    "in pretraining or distillation."
 )
 
 
@@ -46,7 +47,8 @@ class DemoAssets:
     base_model_dir: Path
     tokenizer_dir: Path
     train_path: Path  # teacher-B traces, JSONL {id, prompt, response, answer}
-    heldout_path: Path  # held-out problems, JSONL (teacher-B reference responses)
+    heldout_path: Path  # held-out problems of both families, JSONL (teacher-B reference responses)
+    heldout_family_paths: dict  # family ("old" / "new") -> its held-out JSONL
     description: str
     info: dict = field(default_factory=dict)  # pretraining summary, specs, timings
 
@@ -64,8 +66,10 @@ def prepare_demo(
     model: TinyModelSpec | None = None,
     pretrain_spec: PretrainSpec | None = None,
     n_train: int = 200,
-    n_heldout: int = 200,
+    n_heldout: int = 100,
+    new_fraction: float = 0.5,
     check_step: bool = True,
+    style: str = "verbose",
     eval_max_new_tokens: int = 64,
     log=print,
 ) -> DemoAssets:
@@ -89,13 +93,21 @@ def prepare_demo(
 
     root = Path(run_dir) / "demo"
     root.mkdir(parents=True, exist_ok=True)
-    data = make_datasets(seed, task, n_train=n_train, n_heldout=n_heldout, check_step=check_step)
+    data = make_datasets(seed, task, n_train=n_train, n_heldout=n_heldout, new_fraction=new_fraction,
+                         check_step=check_step, style=style)
     train_path, heldout_path = root / "train_teacher_b.jsonl", root / "heldout.jsonl"
     _write_jsonl(train_path, data["train_b"])
     _write_jsonl(heldout_path, data["heldout"])
+    family_paths = {}
+    for f in FAMILIES:
+        family_paths[f] = root / f"heldout_{f}.jsonl"
+        _write_jsonl(family_paths[f], data[f"heldout_{f}"])
     _write_jsonl(root / "train_teacher_a.jsonl", data["train_a"])
 
-    settings = {"seed": seed, "task": asdict(task), "model": model_spec.to_dict(), "pretrain": pspec.to_dict()}
+    # θ0 depends on the operand range and the held-out split only (not on the new family's length).
+    pretrain_task = {k: v for k, v in asdict(task).items() if k in ("lo", "hi", "heldout_percent")}
+    settings = {"seed": seed, "task": pretrain_task, "model": model_spec.to_dict(), "pretrain": pspec.to_dict(),
+                "pretrain_version": PRETRAIN_VERSION}
     tok_dir, base_dir = root / "tokenizer", root / "base_model"
     done_path = base_dir / ".done.json"
     tok = build_tokenizer(task)
@@ -113,12 +125,14 @@ def prepare_demo(
         n_params = sum(p.numel() for p in net.parameters())
         log(f"demo: pretraining a {n_params:,}-parameter {model_spec.arch} on teacher A for {pspec.steps} steps")
         summary = pretrain(net, tok, task, pspec, log=log)
-        acc, _ = answer_accuracy(net, tok, data["heldout"], max_new_tokens=eval_max_new_tokens)
+        acc, _ = answer_accuracy(net, tok, data["heldout_old"], max_new_tokens=eval_max_new_tokens)
+        acc_new, _ = answer_accuracy(net, tok, data["heldout_new"], max_new_tokens=eval_max_new_tokens)
         info = {
             "settings": settings,
             "n_params": n_params,
             "vocab_size": len(tok),
             "heldout_acc_teacher_a": acc,
+            "heldout_acc_new_family": acc_new,
             "pretrain_seconds": summary["seconds"],
             "final_loss_ema": summary["final_loss_ema"],
             "total_seconds": time.time() - t0,
@@ -127,7 +141,8 @@ def prepare_demo(
             net.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             write_json_atomic(tmp / ".done.json", info)
-        log(f"demo: base model ready, held-out accuracy {acc:.3f} ({summary['seconds']:.0f}s)")
+        log(f"demo: base model ready, held-out accuracy {acc:.3f} on the old family, {acc_new:.3f} on the new "
+            f"({summary['seconds']:.0f}s)")
 
     desc = DESCRIPTION.format(
         lo=task.lo,
@@ -138,13 +153,18 @@ def prepare_demo(
         hidden=model_spec.hidden_size,
         vocab=info["vocab_size"],
         acc=info["heldout_acc_teacher_a"],
+        acc_new=info["heldout_acc_new_family"],
+        new_operands=task.new_operands,
         n_train=n_train,
+        new_pct=new_fraction,
+        example=next(r["response"] for r in data["train_b"] if family_of(r) == "new"),
     )
     return DemoAssets(
         base_model_dir=base_dir,
         tokenizer_dir=base_dir,
         train_path=train_path,
         heldout_path=heldout_path,
+        heldout_family_paths=family_paths,
         description=desc,
         info=info,
     )

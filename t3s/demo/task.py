@@ -1,27 +1,34 @@
-"""The demo's synthetic reasoning task: three-operand integer arithmetic with verifiable answers.
+"""The demo's synthetic reasoning task: integer arithmetic chains with verifiable answers, in two families.
 
-A problem is ``a op1 b op2 c`` with operands in ``[lo, hi]`` and ``op`` in ``{+, -}``, chosen so that no
-intermediate result is negative. Two "teachers" write the same computation in different styles:
+A problem is ``x0 op1 x1 op2 x2 ...`` with operands in ``[lo, hi]`` and ``op`` in ``{+, -}``, evaluated left to
+right, with no negative intermediate result. The **old family** has three operands (two steps): the student θ0
+is pretrained on it. The **new family** has ``new_operands`` operands (default four, three steps); θ0 never sees
+it, so it lacks the skill of chaining one more step, while every single step stays inside what pretraining
+covered. Two "teachers" write the computation in different styles:
 
 * **teacher A** (the student's own, terse style, used for pretraining)::
 
       55+39=94,94-61=33.####33
 
-* **teacher B** (the "out-of-distribution" teacher the student is continually distilled on): a wrapper of
-  words, an extra verification step and a different answer marker::
+* **teacher B** (the teacher the student is continually distilled on, on both families): a wrapper of words and
+  a different answer marker (``style="verbose"``; ``check=True`` adds a verification step)::
 
-      Let me think step by step. First, 55+39=94. Next, 94-61=33. Check: 33+61=94, correct. So the answer is \\boxed{33}
+      Let me think step by step. First, 55+39=94. Next, 94-61=33. Next, 33+12=45. So the answer is \\boxed{45}
+
+  or the shorter ``style="compact"``: ``Let me think. 55+39=94,94-61=33,33+12=45. So \\boxed{45}``.
 
 Held-out problems are chosen by a hash of the operands and operators, so they are never seen in pretraining
 nor in the teacher-B training set. Everything is a pure function of the seed.
 
-Records use the canonical form ``{id, prompt, response, answer}``.
+Records use the canonical form ``{id, prompt, response, answer}``; the family is in the id
+(``train-new-55+39-61+12``) and follows from the prompt (:func:`family_of`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,47 +42,90 @@ FILLER_WORDS = (
 
 @dataclass(frozen=True)
 class Problem:
-    a: int
-    op1: str
-    b: int
-    op2: str
-    c: int
+    """``operands[0] ops[0] operands[1] ops[1] ...`` evaluated left to right (one step per operator)."""
+
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.operands) != len(self.ops) + 1 or not self.ops or any(o not in "+-" for o in self.ops):
+            raise ValueError(f"Problem: need k+1 operands and k >= 1 operators in '+-', got {self.operands} "
+                             f"{self.ops}")
+
+    @classmethod
+    def parse(cls, key: str) -> Problem:
+        """``Problem.parse("55+39-61")``."""
+        parts = re.split(r"([+-])", key)
+        return cls(tuple(int(x) for x in parts[::2]), tuple(parts[1::2]))
 
     @property
-    def r1(self) -> int:
-        return self.a + self.b if self.op1 == "+" else self.a - self.b
+    def values(self) -> list[int]:
+        """The running result after each step."""
+        out, v = [], self.operands[0]
+        for op, x in zip(self.ops, self.operands[1:]):
+            v = v + x if op == "+" else v - x
+            out.append(v)
+        return out
+
+    @property
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """``(left, op, right, result)`` per step."""
+        lefts = [self.operands[0], *self.values[:-1]]
+        return list(zip(lefts, self.ops, self.operands[1:], self.values))
 
     @property
     def answer(self) -> int:
-        return self.r1 + self.c if self.op2 == "+" else self.r1 - self.c
+        return self.values[-1]
+
+    @property
+    def family(self) -> str:
+        """``old`` (three operands, what θ0 was pretrained on) or ``new`` (longer chains)."""
+        return "old" if len(self.operands) == 3 else "new"
 
     @property
     def key(self) -> str:
-        return f"{self.a}{self.op1}{self.b}{self.op2}{self.c}"
+        return str(self.operands[0]) + "".join(f"{op}{x}" for op, x in zip(self.ops, self.operands[1:]))
 
     @property
     def prompt(self) -> str:
         return self.key
 
 
+FAMILIES = ("old", "new")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """The task's knobs. ``heldout_percent`` of all problems (by hash) form the held-out split."""
+    """The task's knobs. ``heldout_percent`` of all problems (by hash) form the held-out split.
+
+    The old family (θ0's pretraining) has three operands; the new family, which only teacher B shows, has
+    ``new_operands`` operands, and every step of it stays inside what pretraining covered (a left value in
+    ``[0, 2·hi]``, a right operand in ``[lo, hi]``, a result in ``[0, 3·hi]``): the new skill is chaining one
+    more step, not new arithmetic facts.
+    """
 
     lo: int = 10
     hi: int = 29
     heldout_percent: int = 10
+    new_operands: int = 4
 
     def __post_init__(self) -> None:
         if not (0 <= self.lo <= self.hi):
             raise ValueError(f"TaskSpec: need 0 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
         if not (0 < self.heldout_percent < 100):
             raise ValueError(f"TaskSpec: heldout_percent must be in (0, 100), got {self.heldout_percent}")
+        if not 4 <= self.new_operands <= 8:
+            raise ValueError(f"TaskSpec: new_operands must be in [4, 8], got {self.new_operands}")
 
     @property
     def max_value(self) -> int:
         """Largest integer any trace can contain (a+b+c)."""
         return 3 * self.hi
+
+    def operand_count(self, family: str) -> int:
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        return 3 if family == "old" else self.new_operands
 
 
 DEFAULT_TASK = TaskSpec()
@@ -86,18 +136,25 @@ def is_heldout(p: Problem, spec: TaskSpec) -> bool:
     return h % 100 < spec.heldout_percent
 
 
-def sample_problem(rng: random.Random, spec: TaskSpec) -> Problem:
-    """One problem with no negative intermediate result (rejection sampling)."""
+def _in_pretraining_range(p: Problem, spec: TaskSpec) -> bool:
+    return all(0 <= r <= spec.max_value and (i == 0 or left <= 2 * spec.hi)
+               for i, (left, _, _, r) in enumerate(p.steps))
+
+
+def sample_problem(rng: random.Random, spec: TaskSpec, family: str = "old") -> Problem:
+    """One problem of ``family`` whose every step lies in pretraining's range (rejection sampling)."""
+    n = spec.operand_count(family)
     while True:
-        a, b, c = (rng.randint(spec.lo, spec.hi) for _ in range(3))
-        op1, op2 = rng.choice("+-"), rng.choice("+-")
-        p = Problem(a, op1, b, op2, c)
-        if p.r1 >= 0 and p.answer >= 0:
+        operands = tuple(rng.randint(spec.lo, spec.hi) for _ in range(n))
+        ops = tuple(rng.choice("+-") for _ in range(n - 1))
+        p = Problem(operands, ops)
+        if _in_pretraining_range(p, spec):
             return p
 
 
-def sample_problems(rng: random.Random, spec: TaskSpec, n: int, *, heldout: bool, exclude=()) -> list[Problem]:
-    """``n`` distinct problems from the held-out (``heldout=True``) or training side of the split."""
+def sample_problems(rng: random.Random, spec: TaskSpec, n: int, *, heldout: bool, exclude=(),
+                    family: str = "old") -> list[Problem]:
+    """``n`` distinct problems of ``family`` from the held-out (``heldout=True``) or training side."""
     seen = {p.key for p in exclude}
     out: list[Problem] = []
     tries = 0
@@ -105,7 +162,7 @@ def sample_problems(rng: random.Random, spec: TaskSpec, n: int, *, heldout: bool
         tries += 1
         if tries > 1000 * max(n, 1):
             raise ValueError(f"sample_problems: cannot find {n} distinct problems for {spec}")
-        p = sample_problem(rng, spec)
+        p = sample_problem(rng, spec, family)
         if is_heldout(p, spec) != heldout or p.key in seen:
             continue
         seen.add(p.key)
@@ -119,29 +176,48 @@ def _inv(op: str) -> str:
 
 def pieces_a(p: Problem) -> list[str]:
     """Teacher A's trace as pieces; ``"".join`` gives the trace. Filler can go between pieces."""
-    return [f"{p.a}{p.op1}{p.b}={p.r1}", ",", f"{p.r1}{p.op2}{p.c}={p.answer}", ".", f"####{p.answer}"]
+    out: list[str] = []
+    for i, (left, op, right, r) in enumerate(p.steps):
+        out += ([","] if i else []) + [f"{left}{op}{right}={r}"]
+    return [*out, ".", f"####{p.answer}"]
 
 
 def trace_a(p: Problem) -> str:
     return "".join(pieces_a(p))
 
 
-def trace_b(p: Problem, *, check: bool = True) -> str:
-    """Teacher B's verbose trace (``check=False`` drops the verification step)."""
-    s = f"Let me think step by step. First, {p.a}{p.op1}{p.b}={p.r1}. Next, {p.r1}{p.op2}{p.c}={p.answer}."
+B_STYLES = ("verbose", "compact")
+
+
+def trace_b(p: Problem, *, check: bool = True, style: str = "verbose") -> str:
+    """Teacher B's trace (``check=False`` drops the verification step)."""
+    if style not in B_STYLES:
+        raise ValueError(f"trace_b: style must be one of {B_STYLES}, got {style!r}")
+    eqs = [f"{left}{op}{right}={r}" for left, op, right, r in p.steps]
+    last_left, last_op, last_right, _ = p.steps[-1]
+    chk = f"{p.answer}{_inv(last_op)}{last_right}={last_left}"
+    if style == "verbose":
+        s = "Let me think step by step. First, " + ". Next, ".join(eqs) + "."
+        if check:
+            s += f" Check: {chk}, correct."
+        return s + f" So the answer is \\boxed{{{p.answer}}}"
+    s = "Let me think. " + ",".join(eqs) + "."
     if check:
-        s += f" Check: {p.answer}{_inv(p.op2)}{p.c}={p.r1}, correct."
-    return s + f" So the answer is \\boxed{{{p.answer}}}"
+        s += f" Check: {chk}."
+    return s + f" So \\boxed{{{p.answer}}}"
 
 
-def trace_a_with_filler(p: Problem, rng: random.Random, *, max_words: int = 3, vocab=FILLER_WORDS) -> str:
-    """Teacher A's trace with 1..``max_words`` filler words inserted at one or two piece boundaries."""
+def trace_a_with_filler(p: Problem, rng: random.Random, *, max_words: int = 3, vocab=None) -> str:
+    """Teacher A's trace with 1..``max_words`` filler words inserted at one or two piece boundaries (the start
+    included). The filler draws from :data:`FILLER_WORDS` and teacher B's words, so θ0 keeps computing
+    whatever words surround the equations: under teacher B's wrapper it is still confident on the arithmetic."""
+    vocab = vocab or FILLER_WORDS + B_WORDS
     pieces = pieces_a(p)
     out = list(pieces)
-    slots = rng.sample(range(1, len(pieces)), k=rng.randint(1, 2))
+    slots = rng.sample(range(len(pieces)), k=rng.randint(1, 2))
     for s in sorted(slots, reverse=True):
         words = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, max_words)))
-        out.insert(s, f" {words} ")
+        out.insert(s, f"{words} " if s == 0 else f" {words} ")  # at the start like B's first word
     return "".join(out)
 
 
@@ -152,10 +228,18 @@ def word_salad(rng: random.Random, spec: TaskSpec, *, n_words: int = 24) -> str:
 
 
 B_WORDS = ("Let", "me", "think", "step", "by", "First", "Next", "Check", "correct", "So", "the", "answer", "is")
+"""Every word any teacher-B style uses (the word salad of pretraining draws from them)."""
 
 
 def record(p: Problem, response: str, *, prefix: str) -> dict:
-    return {"id": f"{prefix}-{p.key}", "prompt": p.prompt, "response": response, "answer": str(p.answer)}
+    return {"id": f"{prefix}-{p.family}-{p.key}", "prompt": p.prompt, "response": response,
+            "answer": str(p.answer)}
+
+
+def family_of(record_or_prompt) -> str:
+    """``old`` / ``new`` for a record (by its prompt) or a prompt string."""
+    prompt = record_or_prompt["prompt"] if isinstance(record_or_prompt, dict) else str(record_or_prompt)
+    return Problem.parse(prompt).family
 
 
 def make_datasets(
@@ -164,18 +248,36 @@ def make_datasets(
     *,
     n_train: int = 200,
     n_heldout: int = 200,
+    new_fraction: float = 0.5,
     check_step: bool = True,
+    style: str = "verbose",
 ) -> dict[str, list[dict]]:
-    """The demo's data: ``train_b`` (teacher-B traces), ``train_a`` (same problems, teacher-A traces, for a
-    control run) and ``heldout`` (held-out problems with teacher-B traces as reference responses)."""
+    """The demo's data.
+
+    ``train_b``: ``n_train`` teacher-B traces, ``new_fraction`` of them on the new family (shuffled);
+    ``train_a``: the same problems in teacher A's style (a control); ``heldout_old`` / ``heldout_new``:
+    ``n_heldout`` held-out problems of each family (teacher-B reference responses) and ``heldout`` both.
+    """
+    if not 0.0 <= new_fraction <= 1.0:
+        raise ValueError(f"make_datasets: new_fraction must be in [0, 1], got {new_fraction}")
     rng = random.Random(f"t3s-demo-data-{seed}")
-    train = sample_problems(rng, spec, n_train, heldout=False)
-    held = sample_problems(rng, spec, n_heldout, heldout=True)
-    return {
-        "train_b": [record(p, trace_b(p, check=check_step), prefix="train") for p in train],
+    n_new = round(n_train * new_fraction)
+    train = sample_problems(rng, spec, n_train - n_new, heldout=False, family="old")
+    train += sample_problems(rng, spec, n_new, heldout=False, family="new")
+    rng.shuffle(train)
+    held = {f: sample_problems(rng, spec, n_heldout, heldout=True, family=f) for f in FAMILIES}
+
+    def b(p: Problem) -> str:
+        return trace_b(p, check=check_step, style=style)
+
+    out = {
+        "train_b": [record(p, b(p), prefix="train") for p in train],
         "train_a": [record(p, trace_a(p), prefix="train") for p in train],
-        "heldout": [record(p, trace_b(p, check=check_step), prefix="heldout") for p in held],
     }
+    for f in FAMILIES:
+        out[f"heldout_{f}"] = [record(p, b(p), prefix="heldout") for p in held[f]]
+    out["heldout"] = out["heldout_old"] + out["heldout_new"]
+    return out
 
 
 def pretrain_stream(
@@ -184,7 +286,7 @@ def pretrain_stream(
     """Endless ``(prompt, response)`` pairs of teacher-A traces on training-side problems."""
     rng = random.Random(f"t3s-demo-pretrain-{seed}")
     while True:
-        p = sample_problem(rng, spec)
+        p = sample_problem(rng, spec, "old")
         if is_heldout(p, spec):
             continue
         if rng.random() < filler_prob:
@@ -196,17 +298,16 @@ def pretrain_stream(
 def all_texts_for_vocab(spec: TaskSpec) -> list[str]:
     """Strings whose pre-tokens make up the task's closed vocabulary."""
     texts = [" ".join(str(i) for i in range(spec.max_value + 1))]
-    p = Problem(spec.lo, "+", spec.lo, "-", spec.lo)
-    q = Problem(spec.hi, "-", spec.lo, "+", spec.lo)
-    texts += [trace_a(p), trace_b(p), trace_b(q), trace_b(p, check=False)]
+    p = Problem((spec.lo, spec.lo, spec.lo), ("+", "-"))
+    texts += [trace_a(p)] + [trace_b(p, check=c, style=st) for c in (True, False) for st in B_STYLES]
     texts.append(" " + " ".join(FILLER_WORDS + B_WORDS))
+    texts += list(FILLER_WORDS + B_WORDS)  # a trace may start with any of them (no leading space)
     texts.append(" ".join(".,:=+-"))
     return texts
 
 
 def extract_answer(text: str) -> str | None:
     """The answer after the last ``####`` or inside the last ``\\boxed{}``; ``None`` if neither is there."""
-    import re
 
     cands = []
     for m in re.finditer(r"####\s*(-?\d+)", text):

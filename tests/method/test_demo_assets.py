@@ -17,8 +17,10 @@ from t3s.demo.task import (  # noqa: E402
     TaskSpec,
     extract_answer,
     is_heldout,
+    family_of,
     make_datasets,
     pretrain_stream,
+    sample_problem,
     trace_a,
     trace_b,
 )
@@ -43,7 +45,7 @@ def test_generator_is_deterministic_and_seed_dependent():
 
 def test_records_are_canonical_and_answers_verifiable():
     d = make_datasets(0, n_train=100, n_heldout=50)
-    for split in ("train_a", "train_b", "heldout"):
+    for split in ("train_a", "train_b", "heldout", "heldout_old", "heldout_new"):
         for r in d[split]:
             assert set(r) == {"id", "prompt", "response", "answer"}
             assert extract_answer(r["response"]) == r["answer"]
@@ -55,16 +57,49 @@ def test_records_are_canonical_and_answers_verifiable():
     b = d["train_b"][0]["response"]
     assert b.startswith("Let me think step by step.") and "Check:" in b and "\\boxed{" in b
     assert "####" in d["train_a"][0]["response"] and "\\boxed" not in d["train_a"][0]["response"]
+    # half of teacher B's traces are the new family (four operands); each held-out family has n_heldout problems
+    fams = [family_of(r) for r in d["train_b"]]
+    assert fams.count("new") == 50 and fams.count("old") == 50 and fams[:10] != sorted(fams[:10])
+    assert [family_of(r) for r in d["heldout_old"]] == ["old"] * 50
+    assert [family_of(r) for r in d["heldout_new"]] == ["new"] * 50
+    assert d["heldout"] == d["heldout_old"] + d["heldout_new"]
+    assert all(r["response"].count("=") == 4 for r in d["heldout_new"])  # three steps and the check
+    assert make_datasets(0, n_train=10, n_heldout=2, new_fraction=0.0)["train_b"][0]["id"].startswith("train-old")
+    with pytest.raises(ValueError, match="new_fraction"):
+        make_datasets(0, new_fraction=1.5)
+
+
+def test_new_family_steps_stay_in_pretraining_range():
+    spec = TaskSpec()
+    rng = random.Random(1)
+    for _ in range(500):
+        p = sample_problem(rng, spec, "new")
+        assert len(p.operands) == spec.new_operands == 4 and p.family == "new"
+        for i, (left, _, right, r) in enumerate(p.steps):
+            assert spec.lo <= right <= spec.hi and 0 <= r <= spec.max_value
+            assert i == 0 or left <= 2 * spec.hi
+    assert Problem.parse("55+39-61+12").steps == [(55, "+", 39, 94), (94, "-", 61, 33), (33, "+", 12, 45)]
+    with pytest.raises(ValueError, match="family"):
+        sample_problem(rng, spec, "newer")
+    with pytest.raises(ValueError, match="operands"):
+        Problem((1, 2), ("+", "-"))
 
 
 def test_styles():
-    p = Problem(55, "+", 39, "-", 61)
+    p = Problem.parse("55+39-61")
     assert trace_a(p) == "55+39=94,94-61=33.####33"
     assert trace_b(p) == (
         "Let me think step by step. First, 55+39=94. Next, 94-61=33. Check: 33+61=94, correct. "
         "So the answer is \\boxed{33}"
     )
     assert "Check" not in trace_b(p, check=False)
+    q = Problem.parse("55+39-61+12")
+    assert trace_a(q) == "55+39=94,94-61=33,33+12=45.####45"
+    assert trace_b(q, check=False) == (
+        "Let me think step by step. First, 55+39=94. Next, 94-61=33. Next, 33+12=45. So the answer is \\boxed{45}")
+    assert trace_b(q, style="compact") == "Let me think. 55+39=94,94-61=33,33+12=45. Check: 45-12=33. So \\boxed{45}"
+    with pytest.raises(ValueError, match="style"):
+        trace_b(q, style="florid")
     assert extract_answer("x ####12 then \\boxed{7}") == "7"
     assert extract_answer("\\boxed{7} ####12") == "12"
     assert extract_answer("no answer") is None
@@ -79,7 +114,7 @@ def test_heldout_disjoint_from_training_and_pretraining():
     stream = pretrain_stream(0, spec)
     assert not held & {next(stream)[0] for _ in range(5000)}
     rng = random.Random(0)
-    probs = [Problem(rng.randint(10, 99), "+", rng.randint(10, 99), "+", 1) for _ in range(4000)]
+    probs = [Problem((rng.randint(10, 99), rng.randint(10, 99), 1), ("+", "+")) for _ in range(4000)]
     frac = sum(is_heldout(p, spec) for p in probs) / len(probs)
     assert 0.05 < frac < 0.15
 
@@ -157,7 +192,7 @@ def test_prepare_demo_tiny(tmp_path):
     assert isinstance(assets, DemoAssets)
     rows = [json.loads(line) for line in assets.train_path.read_text().splitlines()]
     held = [json.loads(line) for line in assets.heldout_path.read_text().splitlines()]
-    assert len(rows) == 16 and len(held) == 8
+    assert len(rows) == 16 and len(held) == 16  # n_heldout per family
     assert {r["prompt"] for r in rows}.isdisjoint({r["prompt"] for r in held})
     model = AutoModelForCausalLM.from_pretrained(assets.base_model_dir)
     tok = AutoTokenizer.from_pretrained(assets.tokenizer_dir)
