@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -593,7 +592,6 @@ def profile_confidence(
     pad_id = 0 if pad_id is None else int(pad_id)
     was_training = model.training
     model.eval()
-    started = time.time()
     try:
         for p in todo:
             rows = _score_part(
@@ -620,9 +618,7 @@ def profile_confidence(
         prov.update(
             world_size=dist_utils.world_size(),
             device=str(next(iter(model.parameters())).device),
-            seconds=round(time.time() - started, 3),
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
+        )  # no timestamps: the same model and data give the same bytes, so later stages are not re-run
         write_json_atomic(prov_path, prov)  # last: marks the store complete
         shutil.rmtree(parts_dir, ignore_errors=True)
     dist_utils.barrier()

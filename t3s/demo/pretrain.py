@@ -30,6 +30,9 @@ class PretrainSpec:
     weight_decay: float = 0.0
     salad_prob: float = 0.25  # probability that a batch is word salad
     filler_prob: float = 0.5  # probability that a teacher-A trace gets filler words
+    preamble_prob: float = 0.0  # probability that a teacher-A trace opens with a sentence (teacher B's among others)
+    salad_phrases: bool = False  # the word salad also holds teacher B's whole phrases
+    short_prob: float = 0.0  # probability that a pretraining problem has two operands (one step), not three
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -139,7 +142,8 @@ def pretrain(
     """Train ``model`` in place; returns a summary (final loss, held-out accuracy, seconds)."""
     torch.manual_seed(spec.seed)
     rng = random.Random(f"t3s-demo-salad-{spec.seed}")
-    stream = pretrain_stream(spec.seed, task, filler_prob=spec.filler_prob)
+    stream = pretrain_stream(spec.seed, task, filler_prob=spec.filler_prob,
+                             preamble_prob=spec.preamble_prob, short_prob=spec.short_prob)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
@@ -156,7 +160,8 @@ def pretrain(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, spec)
         if rng.random() < spec.salad_prob:
-            ids, lab, att = salad_batch(tokenizer, [word_salad(rng, task) for _ in range(spec.batch_size)])
+            ids, lab, att = salad_batch(tokenizer, [word_salad(rng, task, phrases=spec.salad_phrases)
+                                                     for _ in range(spec.batch_size)])
         else:
             ids, lab, att = sft_batch(tokenizer, [next(stream) for _ in range(spec.batch_size)])
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss

@@ -15,7 +15,8 @@ covered. Two "teachers" write the computation in different styles:
 
       Let me think step by step. First, 55+39=94. Next, 94-61=33. Next, 33+12=45. So the answer is \\boxed{45}
 
-  or the shorter ``style="compact"``: ``Let me think. 55+39=94,94-61=33,33+12=45. So \\boxed{45}``.
+  or the shorter ``style="compact"``: ``Let me think. 55+39=94,94-61=33,33+12=45. So \\boxed{45}``, or only B's
+  answer marker, ``style="marker"``: ``55+39=94,94-61=33,33+12=45.\\boxed{45}``.
 
 Held-out problems are chosen by a hash of the operands and operators, so they are never seen in pretraining
 nor in the teacher-B training set. Everything is a pure function of the seed.
@@ -80,7 +81,7 @@ class Problem:
     @property
     def family(self) -> str:
         """``old`` (three operands, what θ0 was pretrained on) or ``new`` (longer chains)."""
-        return "old" if len(self.operands) == 3 else "new"
+        return "old" if len(self.operands) <= 3 else "new"
 
     @property
     def key(self) -> str:
@@ -186,7 +187,7 @@ def trace_a(p: Problem) -> str:
     return "".join(pieces_a(p))
 
 
-B_STYLES = ("verbose", "compact")
+B_STYLES = ("verbose", "compact", "marker")
 
 
 def trace_b(p: Problem, *, check: bool = True, style: str = "verbose") -> str:
@@ -201,6 +202,8 @@ def trace_b(p: Problem, *, check: bool = True, style: str = "verbose") -> str:
         if check:
             s += f" Check: {chk}, correct."
         return s + f" So the answer is \\boxed{{{p.answer}}}"
+    if style == "marker":  # teacher A's computation, teacher B's answer marker only
+        return ",".join(eqs) + (f". Check: {chk}." if check else ".") + f"\\boxed{{{p.answer}}}"
     s = "Let me think. " + ",".join(eqs) + "."
     if check:
         s += f" Check: {chk}."
@@ -221,14 +224,34 @@ def trace_a_with_filler(p: Problem, rng: random.Random, *, max_words: int = 3, v
     return "".join(out)
 
 
-def word_salad(rng: random.Random, spec: TaskSpec, *, n_words: int = 24) -> str:
-    """Random text made of teacher B's words, numbers and punctuation (pretraining only)."""
+def word_salad(rng: random.Random, spec: TaskSpec, *, n_words: int = 24, phrases: bool = False) -> str:
+    """Random text made of teacher B's words, numbers and punctuation (pretraining only).
+
+    ``phrases=True`` draws whole teacher-B phrases too (``Let me think.``, ``So \\boxed{47}``, ...): the student
+    knows B's phrases as language, as a pretrained LLM knows "let me think step by step", without ever having
+    answered in B's style."""
     words = B_WORDS + tuple(str(rng.randint(0, spec.max_value)) for _ in range(6)) + tuple(".,:=+-")
-    return " ".join(rng.choice(words) for _ in range(n_words))
+    if not phrases:
+        return " ".join(rng.choice(words) for _ in range(n_words))
+    out = []
+    while len(out) < n_words:
+        if rng.random() < 0.35:
+            out.append(rng.choice(B_PHRASES).format(n=rng.randint(0, spec.max_value)))
+        else:
+            out.append(rng.choice(words + FILLER_WORDS))
+    return " ".join(out)
 
 
 B_WORDS = ("Let", "me", "think", "step", "by", "First", "Next", "Check", "correct", "So", "the", "answer", "is")
 """Every word any teacher-B style uses (the word salad of pretraining draws from them)."""
+
+B_PHRASES = ("Let me think.", "Let me think step by step.", "First,", "Next,", "So", "So \\boxed{{{n}}}",
+             "So the answer is \\boxed{{{n}}}", "Check:", "correct.")
+"""Teacher B's phrases, ``{n}`` a random number (the phrase salad of pretraining draws from them)."""
+
+PREAMBLE_WORDS = ("Let me think", "Let me think step by step", "Ok", "Well", "Now we add", "Here we go",
+                  "This is easy", "We take it")
+"""Openings a pretraining trace may start with (``PretrainSpec.preamble_prob``): teacher B's among others."""
 
 
 def record(p: Problem, response: str, *, prefix: str) -> dict:
@@ -281,18 +304,22 @@ def make_datasets(
 
 
 def pretrain_stream(
-    seed: int, spec: TaskSpec, *, filler_prob: float = 0.5
+    seed: int, spec: TaskSpec, *, filler_prob: float = 0.5, preamble_prob: float = 0.0, short_prob: float = 0.0
 ) -> Iterator[tuple[str, str]]:
-    """Endless ``(prompt, response)`` pairs of teacher-A traces on training-side problems."""
+    """Endless ``(prompt, response)`` pairs of teacher-A traces on training-side problems; ``preamble_prob`` of
+    them open with a sentence from :data:`PREAMBLE_WORDS` (``Ok. 55+39=94,...``); ``short_prob`` of the problems
+    have two operands (one step) instead of three, so θ0 knows chains of more than one length."""
     rng = random.Random(f"t3s-demo-pretrain-{seed}")
     while True:
         p = sample_problem(rng, spec, "old")
+        if short_prob and rng.random() < short_prob:
+            p = Problem(p.operands[:2], p.ops[:1])
         if is_heldout(p, spec):
             continue
-        if rng.random() < filler_prob:
-            yield p.prompt, trace_a_with_filler(p, rng)
-        else:
-            yield p.prompt, trace_a(p)
+        text = trace_a_with_filler(p, rng) if rng.random() < filler_prob else trace_a(p)
+        if preamble_prob and rng.random() < preamble_prob:
+            text = f"{rng.choice(PREAMBLE_WORDS)}. {text}"
+        yield p.prompt, text
 
 
 def all_texts_for_vocab(spec: TaskSpec) -> list[str]:
@@ -302,6 +329,7 @@ def all_texts_for_vocab(spec: TaskSpec) -> list[str]:
     texts += [trace_a(p)] + [trace_b(p, check=c, style=st) for c in (True, False) for st in B_STYLES]
     texts.append(" " + " ".join(FILLER_WORDS + B_WORDS))
     texts += list(FILLER_WORDS + B_WORDS)  # a trace may start with any of them (no leading space)
+    texts += [f"{w}. " for w in PREAMBLE_WORDS]
     texts.append(" ".join(".,:=+-"))
     return texts
 

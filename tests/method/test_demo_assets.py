@@ -98,6 +98,7 @@ def test_styles():
     assert trace_b(q, check=False) == (
         "Let me think step by step. First, 55+39=94. Next, 94-61=33. Next, 33+12=45. So the answer is \\boxed{45}")
     assert trace_b(q, style="compact") == "Let me think. 55+39=94,94-61=33,33+12=45. Check: 45-12=33. So \\boxed{45}"
+    assert trace_b(q, check=False, style="marker") == "55+39=94,94-61=33,33+12=45.\\boxed{45}"
     with pytest.raises(ValueError, match="style"):
         trace_b(q, style="florid")
     assert extract_answer("x ####12 then \\boxed{7}") == "7"
@@ -233,3 +234,27 @@ def test_demo_yaml_loads_and_matches_prepare_demo():
     assert set(kw) <= set(params), set(kw) - set(params)
     TaskSpec(**kw["task"]), TinyModelSpec(**kw["model"]), PretrainSpec(**kw["pretrain_spec"])
     assert cfg.train.steps > 0 and cfg.optim.lr > 0
+
+
+def test_pretraining_stream_knobs_and_phrase_salad():
+    from t3s.demo.task import B_PHRASES, PREAMBLE_WORDS, word_salad
+    from t3s.demo.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(SMALL)
+    plain = pretrain_stream(0, SMALL, filler_prob=0.0)
+    for _ in range(50):  # no filler: exactly teacher A's trace
+        prompt, text = next(plain)
+        assert text == trace_a(Problem.parse(prompt)) and family_of(prompt) == "old"
+    opened = pretrain_stream(0, SMALL, filler_prob=0.0, preamble_prob=1.0, short_prob=1.0)
+    for _ in range(50):  # every trace opens with a sentence; every problem has one step
+        prompt, text = next(opened)
+        head, body = text.split(". ", 1)
+        assert head in PREAMBLE_WORDS and body == trace_a(Problem.parse(prompt))
+        assert len(Problem.parse(prompt).operands) == 2 and family_of(prompt) == "old"
+    rng = random.Random(0)
+    salads = [word_salad(rng, SMALL, phrases=True) for _ in range(200)]
+    assert any("\\boxed{" in t for t in salads) and any("Let me think" in t for t in salads)
+    assert not any("\\boxed{" in word_salad(rng, SMALL) for _ in range(200))
+    for t in salads + [f"{w}. " for w in PREAMBLE_WORDS] + [b.format(n=SMALL.max_value) for b in B_PHRASES]:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == t

@@ -29,7 +29,7 @@ from t3s.profile import (
 PROVENANCE_KEYS = {
     "format", "model", "model_class", "model_hash", "tokenizer", "tokenizer_hash", "chat_template_hash",
     "examples_hash", "eos_token_ids", "dtype", "num_examples", "num_scored_tokens", "settings", "world_size",
-    "device", "seconds", "created_at",
+    "device",
 }
 
 
@@ -94,6 +94,14 @@ def test_store_format_and_provenance(model, tok, examples, tmp_path):
     assert prov["dtype"] == "float32" and prov["num_examples"] == len(examples)
     assert prov["chat_template_hash"] is not None and prov["eos_token_ids"] == [tok.eos_token_id]
     assert prov["num_scored_tokens"] == sum(e.num_response_tokens for e in examples)
+
+
+def test_profile_store_bytes_are_reproducible(model, tok, examples, tmp_path):
+    """A re-profiled checkpoint gives the same files byte for byte, so the stages after it are not re-run."""
+    a = profile_confidence(model, tok, examples, tmp_path / "a", progress=False)
+    b = profile_confidence(model, tok, examples, tmp_path / "b", progress=False)
+    for name in ("provenance.json", "scores.parquet"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_batching_does_not_change_scores(model, tok, examples, tmp_path):
