@@ -26,7 +26,7 @@ from t3s.io import atomic_path, read_json, write_json_atomic, write_text_atomic
 
 __all__ = ["DemoAssets", "PretrainSpec", "TaskSpec", "TinyModelSpec", "prepare_demo", "DEMO_CONFIG_PATH"]
 
-PRETRAIN_VERSION = 3  # bump when the pretraining stream changes, so a cached θ0 is rebuilt
+PRETRAIN_VERSION = 4  # bump when the pretraining stream changes, so a cached θ0 is rebuilt
 DEMO_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 DESCRIPTION = (
