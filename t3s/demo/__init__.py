@@ -32,11 +32,11 @@ DEMO_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "demo.ya
 DESCRIPTION = (
     "Synthetic integer arithmetic (operands {lo}-{hi}, + and -, evaluated left to right). The student is a tiny "
     "{arch} ({params:,} parameters, {layers} layers, width {hidden}, word-level vocabulary of {vocab}) pretrained on "
-    "three-operand problems in teacher A's terse style ('25+17=42,42-19=23.####23'): {acc:.1%} held-out greedy "
-    "accuracy on them (the old family), {acc_new:.1%} on {new_operands}-operand chains (the new family), which it "
-    "never saw. It is then continually distilled on {n_train} traces of teacher B ({new_pct:.0%} of them on the new "
-    "family) written in B's style, e.g. '{example}'. Held-out problems (by a hash of the operands) were never seen "
-    "in pretraining or distillation."
+    "{pretrained_on} problems in teacher A's terse style ('25+17=42,42-19=23.####23'): {acc:.1%} held-out greedy "
+    "accuracy on three-operand problems (the old family), {acc_new:.1%} on {new_operands}-operand chains (the new "
+    "family), which it never saw. It is then continually distilled on {n_train} traces of teacher B "
+    "({new_pct:.0%} of them on the new family) written in B's style, e.g. '{example}'. Held-out problems (by a hash "
+    "of the operands) were never seen in pretraining or distillation."
 )
 
 
@@ -157,6 +157,7 @@ def prepare_demo(
         new_operands=task.new_operands,
         n_train=n_train,
         new_pct=new_fraction,
+        pretrained_on="two- and three-operand" if pspec.short_prob > 0 else "three-operand",
         example=next(r["response"] for r in data["train_b"] if family_of(r) == "new"),
     )
     return DemoAssets(
