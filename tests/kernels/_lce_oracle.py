@@ -95,23 +95,32 @@ def grads_of(fn, tensors, *, wrt=(0, 1, 2), upstream=None):
     return tuple(o.detach() if o is not None else None for o in outs), grads
 
 
+def check_against_oracle(ours, naive, args, names, dtype, *, upstream=None, out_shape=None, grad_dtype=None):
+    """``ours(*args)`` -> fp32 outputs ``names``; outputs and gradients against the float64 oracle ``naive(*args)``,
+    each within the budget of ``naive`` run at the input dtype (``matmul_dtype=dtype``, fp32 math).
+    ``out_shape`` / ``grad_dtype``, when given, are asserted for every output / gradient."""
+    from t3s_kernels.testing import assert_close_to_oracle
+
+    out, grads = grads_of(ours, args, upstream=upstream)
+    out_o, grads_o = grads_of(naive, args, upstream=upstream)
+    out_b, grads_b = grads_of(lambda *a: naive(*a, matmul_dtype=dtype, math_dtype=torch.float32), args,
+                              upstream=upstream)
+    for name, a, o, bb in zip(names, out, out_o, out_b):
+        assert a.dtype == torch.float32
+        assert out_shape is None or a.shape == out_shape
+        assert_close_to_oracle(name, a, o, bb, dtype=dtype)
+    for name, a, o, bb in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_o, grads_b):
+        if o is not None:
+            assert grad_dtype is None or a.dtype == grad_dtype
+            assert_close_to_oracle(name, a, o, bb, dtype=dtype)
+    return out, grads
+
+
 def check_ce_against_oracle(ours, h, W, b, y, dtype, *, upstream=None, **naive_kw):
     """``ours(h, W, b) -> (loss, lse)``: outputs (fp32) and gradients (input dtype) against the float64 oracle,
     each within the budget of the same-dtype PyTorch baseline (``naive_ce`` with ``naive_kw``)."""
-    from t3s_kernels.testing import assert_close_to_oracle
 
     def naive(h_, W_, b_, **dt):
         return naive_ce(h_, W_, y, bias=b_, **naive_kw, **dt)
 
-    out, grads = grads_of(ours, (h, W, b), upstream=upstream)
-    out_o, grads_o = grads_of(naive, (h, W, b), upstream=upstream)
-    out_b, grads_b = grads_of(lambda *a: naive(*a, matmul_dtype=dtype, math_dtype=torch.float32), (h, W, b),
-                              upstream=upstream)
-    for name, a, o, bb in zip(("loss", "lse"), out, out_o, out_b):
-        assert a.dtype == torch.float32
-        assert_close_to_oracle(name, a, o, bb, dtype=dtype)
-    for name, a, o, bb in zip(("d_hidden", "d_weight", "d_bias"), grads, grads_o, grads_b):
-        if o is not None:
-            assert a.dtype == dtype
-            assert_close_to_oracle(name, a, o, bb, dtype=dtype)
-    return out, grads
+    return check_against_oracle(ours, naive, (h, W, b), ("loss", "lse"), dtype, upstream=upstream, grad_dtype=dtype)

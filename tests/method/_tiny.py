@@ -36,6 +36,16 @@ def make_tiny(root: Path, *, n_train: int = 16, n_heldout: int = 8, seed: int = 
     return {"model": str(model_dir), "train": str(root / "train.jsonl"), "heldout": str(root / "heldout.jsonl")}
 
 
+def tiny_examples(root: Path, *, max_tokens: int = 128):
+    """``(paths, tokenizer, tokenized training examples)`` of the tiny setting under ``root``."""
+    from t3s.data import load_records, tokenize_records
+    from t3s.train import load_tokenizer
+
+    paths = make_tiny(root)
+    tok = load_tokenizer(paths["model"])
+    return paths, tok, tokenize_records(load_records(paths["train"]), tok, max_tokens=max_tokens)
+
+
 def tiny_config(root: Path, run_dir: Path, *overrides: str) -> Config:
     paths = make_tiny(root)
     return load_config(None, [

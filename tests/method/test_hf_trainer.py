@@ -4,11 +4,11 @@ clipping) equals t3s's own recipe on the same 4 examples: same loss, same parame
 import numpy as np
 import pytest
 import torch
-from _tiny import make_tiny, tiny_config
+from _tiny import tiny_config, tiny_examples
 
-from t3s.data import IGNORE_INDEX, load_records, tokenize_records
+from t3s.data import IGNORE_INDEX
 from t3s.select import Selection, apply_selection, save_selection
-from t3s.train import SFTRecipe, load_model, load_tokenizer
+from t3s.train import SFTRecipe, load_model
 
 pytest.importorskip("accelerate")
 
@@ -16,9 +16,7 @@ pytest.importorskip("accelerate")
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    paths = make_tiny(root)
-    tok = load_tokenizer(paths["model"])
-    examples = tokenize_records(load_records(paths["train"]), tok, max_tokens=128)
+    paths, tok, examples = tiny_examples(root)
     rng = np.random.default_rng(0)
     positions = [np.nonzero(np.asarray(e.labels) != IGNORE_INDEX)[0] for e in examples]
     weights = [(rng.random(len(p)) < 0.6).astype(np.float32) for p in positions]

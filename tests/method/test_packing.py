@@ -8,21 +8,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _tiny import make_tiny
+from _tiny import tiny_examples
 
-from t3s.data import load_records, pack_examples, tokenize_records
+from t3s.data import pack_examples
 from t3s.packing import packed_model_inputs, resolve_attn_implementation, score_packed
 from t3s.profile import profile_confidence, score_batch
-from t3s.train import load_model, load_tokenizer
+from t3s.train import load_model
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    paths = make_tiny(root)
-    tok = load_tokenizer(paths["model"])
-    examples = tokenize_records(load_records(paths["train"]), tok, max_tokens=128)
-    return paths, tok, examples
+    return tiny_examples(root)
 
 
 def _one_per_row(model, examples):

@@ -6,20 +6,18 @@ import math
 
 import pytest
 import torch
-from _tiny import make_tiny, tiny_config
+from _tiny import tiny_config, tiny_examples
 
-from t3s.data import IGNORE_INDEX, load_records, tokenize_records
+from t3s.data import IGNORE_INDEX
 from t3s.generate import generate_greedy
 from t3s.rrt import rrt_checkpoint, rrt_state_dict
-from t3s.train import SFTRecipe, accuracy_hook, batch_schedule, load_model, load_tokenizer, lr_lambda, run_training
+from t3s.train import SFTRecipe, accuracy_hook, batch_schedule, load_model, lr_lambda, run_training
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    paths = make_tiny(root)
-    tok = load_tokenizer(paths["model"])
-    examples = tokenize_records(load_records(paths["train"]), tok, max_tokens=128)
+    paths, tok, examples = tiny_examples(root)
     return root, paths, tok, examples
 
 
