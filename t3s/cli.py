@@ -112,20 +112,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     base = demo_config(args.overrides)
+    out_dir = Path(base.run_dir)
     if args.seeds == 1:
         results = {int(base.demo.get("seed", 0)): _demo_one(args.overrides, progress=not args.no_progress,
                                                             redo=args.redo)}
-        out_dir = Path(base.run_dir)
     else:
         results = {}
         seed0, train_seed0 = int(base.demo.get("seed", 0)), int(base.train.seed)
         for i in range(args.seeds):
             seed = seed0 + i
             print(f"\n===== demo seed {seed} ({i + 1}/{args.seeds}) =====")
-            results[seed] = _demo_one([*args.overrides, f"run_dir={Path(base.run_dir) / f'seed{seed}'}",
+            results[seed] = _demo_one([*args.overrides, f"run_dir={out_dir / f'seed{seed}'}",
                                        f"demo.seed={seed}", f"train.seed={train_seed0 + i}"],
                                       progress=not args.no_progress, redo=args.redo)
-        out_dir = Path(base.run_dir)
     table = format_seed_tables(results)
     if D.is_main():
         write_text_atomic(out_dir / "seeds.md", table + "\n")
