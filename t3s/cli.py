@@ -4,7 +4,7 @@
                                             the whole pipeline; a re-run reuses every finished stage whose
                                             config keys, inputs and outputs are unchanged, and says why
                                             it re-runs the others (--redo STAGE re-runs one anyway)
-    t3s demo [--seeds K] [key=value ...] [--redo STAGE]
+    t3s demo [--seeds K] [--first-seed S] [key=value ...] [--redo STAGE]
                                             the offline CPU demo (t3s/configs/demo.yaml); K seeds
                                             give mean ± sd per model and problem family
     t3s train CONFIG.yaml [key=value ...] [--selection DIR] [--out DIR] [--mode ar|dllm]
@@ -113,12 +113,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     base = demo_config(args.overrides)
     out_dir = Path(base.run_dir)
+    # --first-seed S runs seeds S, S+1, ...; the training seed moves with it (train.seed - demo.seed stays fixed)
+    seed0 = int(base.demo.get("seed", 0)) if args.first_seed is None else args.first_seed
+    train_seed0 = int(base.train.seed) + seed0 - int(base.demo.get("seed", 0))
     if args.seeds == 1:
-        results = {int(base.demo.get("seed", 0)): _demo_one(args.overrides, progress=not args.no_progress,
-                                                            redo=args.redo)}
+        pin = [] if args.first_seed is None else [f"demo.seed={seed0}", f"train.seed={train_seed0}"]
+        results = {seed0: _demo_one([*args.overrides, *pin], progress=not args.no_progress, redo=args.redo)}
     else:
         results = {}
-        seed0, train_seed0 = int(base.demo.get("seed", 0)), int(base.train.seed)
         for i in range(args.seeds):
             seed = seed0 + i
             print(f"\n===== demo seed {seed} ({i + 1}/{args.seeds}) =====")
@@ -199,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seeds", type=int, default=1,
                     help="run K pretraining / distillation seeds (demo.seed, demo.seed+1, ...; each in RUN_DIR/seedN) "
                          "and report mean ± sd per model and family")
+    dm.add_argument("--first-seed", type=int, default=None, metavar="S",
+                    help="start at seed S instead of demo.seed (train.seed moves with it)")
     dm.set_defaults(fn=cmd_demo)
     tr = with_overrides(sub.add_parser("train", help="one training run (SFT, a selection, or dLLM)"))
     tr.add_argument("--selection", help="selection folder from `t3s select` (per-token weights / dLLM targets)")

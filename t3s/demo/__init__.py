@@ -29,13 +29,14 @@ __all__ = ["DemoAssets", "PretrainSpec", "TaskSpec", "TinyModelSpec", "prepare_d
 PRETRAIN_VERSION = 4  # bump when the pretraining stream changes, so a cached θ0 is rebuilt
 DEMO_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
+NEW_FAMILY_TEXT = {"chain": "{n}-operand chains", "large": "three-operand problems with an answer above {top}"}
+
 DESCRIPTION = (
     "Synthetic integer arithmetic (operands {lo}-{hi}, + and -, evaluated left to right). The student is a tiny "
     "{arch} ({params:,} parameters, {layers} layers, width {hidden}, word-level vocabulary of {vocab}) pretrained on "
     "{pretrained_on} problems in teacher A's terse style ('25+17=42,42-19=23.####23'): {acc:.1%} held-out greedy "
-    "accuracy on three-operand problems (the old family), {acc_new:.1%} on {new_operands}-operand chains (the new "
-    "family), which it never saw. It is then continually distilled on {n_train} traces of teacher B "
-    "({new_pct:.0%} of them on the new family) written in B's style, e.g. '{example}'. Held-out problems (by a hash "
+    "accuracy on the old family, {acc_new:.1%} on the new family ({new_family}){saw_new}. It is then continually "
+    "distilled on {n_train} traces of teacher B ({new_pct:.0%} of them on the new family) written in B's style, e.g. '{example}'. Held-out problems (by a hash "
     "of the operands) were never seen in pretraining or distillation."
 )
 
@@ -104,8 +105,11 @@ def prepare_demo(
         _write_jsonl(family_paths[f], data[f"heldout_{f}"])
     _write_jsonl(root / "train_teacher_a.jsonl", data["train_a"])
 
-    # θ0 depends on the operand range and the held-out split only (not on the new family's length).
-    pretrain_task = {k: v for k, v in asdict(task).items() if k in ("lo", "hi", "heldout_percent")}
+    # θ0 depends on the operand range and the held-out split, and on the new family only when it sees some of it
+    # (or when the new skill carves the old family: ``large`` answers are not in it).
+    keys = ("lo", "hi", "heldout_percent") + (("new_skill",) if task.new_skill != "chain" else ()) + (
+        ("new_skill", "new_operands") if pspec.new_prob > 0 else ())
+    pretrain_task = {k: v for k, v in asdict(task).items() if k in keys}
     settings = {"seed": seed, "task": pretrain_task, "model": model_spec.to_dict(), "pretrain": pspec.to_dict(),
                 "pretrain_version": PRETRAIN_VERSION}
     tok_dir, base_dir = root / "tokenizer", root / "base_model"
@@ -154,11 +158,13 @@ def prepare_demo(
         vocab=info["vocab_size"],
         acc=info["heldout_acc_teacher_a"],
         acc_new=info["heldout_acc_new_family"],
-        new_operands=task.new_operands,
         n_train=n_train,
         new_pct=new_fraction,
         pretrained_on="two- and three-operand" if pspec.short_prob > 0 else "three-operand",
-        example=next(r["response"] for r in data["train_b"] if family_of(r) == "new"),
+        new_family=NEW_FAMILY_TEXT[task.new_skill].format(n=task.new_operands, top=2 * task.hi),
+        saw_new=f" ({pspec.new_prob:.0%} of its pretraining problems were of it)" if pspec.new_prob > 0 else (
+            ", which it never saw"),
+        example=next(r["response"] for r in data["train_b"] if family_of(r, task) == "new"),
     )
     return DemoAssets(
         base_model_dir=base_dir,

@@ -33,6 +33,7 @@ class PretrainSpec:
     preamble_prob: float = 0.0  # probability that a teacher-A trace opens with a sentence (teacher B's among others)
     salad_phrases: bool = False  # the word salad also holds teacher B's whole phrases
     short_prob: float = 0.0  # probability that a pretraining problem has two operands (one step), not three
+    new_prob: float = 0.0  # probability that a pretraining problem is from the new family (θ0 solves part of it)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -143,7 +144,8 @@ def pretrain(
     torch.manual_seed(spec.seed)
     rng = random.Random(f"t3s-demo-salad-{spec.seed}")
     stream = pretrain_stream(spec.seed, task, filler_prob=spec.filler_prob,
-                             preamble_prob=spec.preamble_prob, short_prob=spec.short_prob)
+                             preamble_prob=spec.preamble_prob, short_prob=spec.short_prob,
+                             new_prob=spec.new_prob)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from t3s.demo.regime import measure_regime
 from t3s.demo.task import FAMILIES
 from t3s.io import read_json, write_json_atomic
 
@@ -52,7 +53,7 @@ def evaluate_families(run_dir: str | Path, cfg, family_paths: dict, *, log: Call
     families = [f for f in FAMILIES if f in family_paths] + sorted(set(family_paths) - set(FAMILIES))
     if out_path.exists():
         cached = read_json(out_path)
-        if cached.get("models") == models and cached.get("families") == families:
+        if cached.get("models") == models and cached.get("families") == families and "regime" in cached:
             return cached
     from t3s.train import load_model
 
@@ -83,6 +84,10 @@ def evaluate_families(run_dir: str | Path, cfg, family_paths: dict, *, log: Call
     result["anchor_fraction"] = read_json(prov).get("anchor_fraction") if prov.exists() else None
     bn = run / "bottleneck.json"
     result["bottleneck_step"] = read_json(bn)["step"] if bn.exists() else None
+    new_skill = (cfg.demo.get("task") or {}).get("new_skill", "chain")
+    result["regime"] = measure_regime(run, tok, new_skill=new_skill, threshold=cfg.select.threshold,
+                                      always_train_eos=cfg.select.always_train_eos)
+    log("[demo] " + format_regime(result["regime"]))
     if D.is_main():
         write_json_atomic(out_path, result)
     return result
@@ -147,4 +152,67 @@ def format_seed_tables(results: dict[int, dict]) -> str:
                  f"{100 * res['anchor_fraction']:.1f} %" if res["anchor_fraction"] is not None else "–"]
         cells += ["{:.2f} / {:.2f}".format(*(res["accuracy"][m][f] for f in fams)) for m in s["models"]]
         lines.append("| " + " | ".join(cells) + " |")
+    if all({"t3s", "sft"} <= set(results[seed]["accuracy"]) for seed in s["seeds"]):
+        lines += ["", format_claim(results)]
+    if any(results[seed].get("regime") for seed in s["seeds"]):
+        lines += ["", *_regime_rows(results)]
     return "\n".join(lines)
+
+
+CURVE_STEPS = (0, 8, 16, 24, 48, 96, 144, 200)
+"""Steps at which the regime line prints the SFT and T3S training-accuracy curves (those that were measured)."""
+
+
+def _curve_points(curve: list) -> dict[int, float]:
+    return {int(step): acc for step, acc in curve}
+
+
+def format_regime(reg: dict) -> str:
+    """One line: the precondition numbers of the regime (see :mod:`t3s.demo.regime`) and both accuracy curves."""
+    sft, t3s = _curve_points(reg["curves"]["sft"]), _curve_points(reg["curves"]["t3s"])
+    steps = [s for s in CURVE_STEPS if s in sft and s in t3s]
+    curve = ", ".join(f"{s}: {sft[s]:.2f} / {t3s[s]:.2f}" for s in steps)
+    return (f"regime: new-family equation tokens with Δc ≤ 0 {100 * reg['content_nonpos']:.0f} % (the new skill's own "
+            f"tokens {100 * reg['skill_nonpos']:.0f} %); B's marker masked {100 * reg['marker_masked']:.0f} %; "
+            f"T3S masks {100 * reg['masked_fraction']:.1f} %, Jaccard with the same-size lowest-c(θ0) mask "
+            f"{reg['jaccard_low_conf']:.2f}; θ0's loss on the tokens T3S keeps {reg['loss0_kept']:.3f} nats vs "
+            f"{reg['loss0_all']:.3f} on all (SFT), {reg['loss0_skill']:.3f} on the skill's tokens; training accuracy "
+            f"SFT / T3S at step {curve}")
+
+
+def _regime_rows(results: dict[int, dict]) -> list[str]:
+    lines = ["Regime per seed (measured before any comparison; t3s/demo/regime.py):", "",
+             "| seed | new-family equation tokens Δc ≤ 0 | skill tokens Δc ≤ 0 | B's marker masked | anchors "
+             "| Jaccard T3S vs low-conf mask | θ0 loss: T3S-kept / all | train acc SFT: θ0 → min → last "
+             "| train acc T3S: θ0 → min → last |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for seed in sorted(results):
+        reg = results[seed].get("regime")
+        if reg is None:
+            continue
+        cells = [str(seed), f"{100 * reg['content_nonpos']:.0f} %", f"{100 * reg['skill_nonpos']:.0f} %",
+                 f"{100 * reg['marker_masked']:.0f} %", f"{100 * results[seed]['anchor_fraction']:.1f} %",
+                 f"{reg['jaccard_low_conf']:.2f}", f"{reg['loss0_kept']:.3f} / {reg['loss0_all']:.3f}"]
+        for name in ("sft", "t3s"):
+            accs = [a for _, a in reg["curves"][name]]
+            cells.append(f"{accs[0]:.2f} → {min(accs):.2f} → {accs[-1]:.2f}" if accs else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def claim_check(results: dict[int, dict], family: str = "new") -> dict:
+    """The pre-registered comparison: T3S vs SFT on ``family``'s held-out accuracy, per seed and on the mean."""
+    seeds = sorted(results)
+    diffs = [results[s]["accuracy"]["t3s"][family] - results[s]["accuracy"]["sft"][family] for s in seeds]
+    wins = sum(d > 0 for d in diffs)
+    mean_t3s = _mean_sd([results[s]["accuracy"]["t3s"][family] for s in seeds])[0]
+    mean_sft = _mean_sd([results[s]["accuracy"]["sft"][family] for s in seeds])[0]
+    return {"wins": wins, "seeds": len(seeds), "mean_t3s": mean_t3s, "mean_sft": mean_sft,
+            "holds": wins >= math.ceil(0.8 * len(seeds)) and mean_t3s > mean_sft}
+
+
+def format_claim(results: dict[int, dict]) -> str:
+    c = claim_check(results)
+    return (f"Pre-registered claim (T3S beats SFT on the new family's held-out accuracy in ≥ 4 of 5 seeds, i.e. "
+            f"≥ 80 % of them, and on the mean): T3S wins in {c['wins']}/{c['seeds']} seeds; mean {c['mean_t3s']:.3f} "
+            f"vs SFT {c['mean_sft']:.3f}; the claim {'holds' if c['holds'] else 'does not hold'}.")

@@ -79,11 +79,6 @@ class Problem:
         return self.values[-1]
 
     @property
-    def family(self) -> str:
-        """``old`` (three operands, what θ0 was pretrained on) or ``new`` (longer chains)."""
-        return "old" if len(self.operands) <= 3 else "new"
-
-    @property
     def key(self) -> str:
         return str(self.operands[0]) + "".join(f"{op}{x}" for op, x in zip(self.ops, self.operands[1:]))
 
@@ -93,6 +88,10 @@ class Problem:
 
 
 FAMILIES = ("old", "new")
+NEW_SKILLS = ("chain", "large")
+"""What the new family asks for: ``chain``, one more step (``new_operands`` operands); ``large``, three-operand
+problems whose answer exceeds ``2·hi``, i.e. addition facts with a result above ``2·hi`` in the last step, which
+the old family never needs."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +108,7 @@ class TaskSpec:
     hi: int = 29
     heldout_percent: int = 10
     new_operands: int = 4
+    new_skill: str = "chain"
 
     def __post_init__(self) -> None:
         if not (0 <= self.lo <= self.hi):
@@ -117,6 +117,8 @@ class TaskSpec:
             raise ValueError(f"TaskSpec: heldout_percent must be in (0, 100), got {self.heldout_percent}")
         if not 4 <= self.new_operands <= 8:
             raise ValueError(f"TaskSpec: new_operands must be in [4, 8], got {self.new_operands}")
+        if self.new_skill not in NEW_SKILLS:
+            raise ValueError(f"TaskSpec: new_skill must be one of {NEW_SKILLS}, got {self.new_skill!r}")
 
     @property
     def max_value(self) -> int:
@@ -126,7 +128,13 @@ class TaskSpec:
     def operand_count(self, family: str) -> int:
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-        return 3 if family == "old" else self.new_operands
+        return self.new_operands if family == "new" and self.new_skill == "chain" else 3
+
+    def family_of(self, p: Problem) -> str:
+        """``old`` (what θ0 is pretrained on) or ``new`` (what only teacher B shows, see :data:`NEW_SKILLS`)."""
+        if self.new_skill == "chain":
+            return "old" if len(p.operands) <= 3 else "new"
+        return "new" if p.answer > 2 * self.hi else "old"
 
 
 DEFAULT_TASK = TaskSpec()
@@ -149,7 +157,7 @@ def sample_problem(rng: random.Random, spec: TaskSpec, family: str = "old") -> P
         operands = tuple(rng.randint(spec.lo, spec.hi) for _ in range(n))
         ops = tuple(rng.choice("+-") for _ in range(n - 1))
         p = Problem(operands, ops)
-        if _in_pretraining_range(p, spec):
+        if _in_pretraining_range(p, spec) and spec.family_of(p) == family:
             return p
 
 
@@ -254,15 +262,15 @@ PREAMBLE_WORDS = ("Let me think", "Let me think step by step", "Ok", "Well", "No
 """Openings a pretraining trace may start with (``PretrainSpec.preamble_prob``): teacher B's among others."""
 
 
-def record(p: Problem, response: str, *, prefix: str) -> dict:
-    return {"id": f"{prefix}-{p.family}-{p.key}", "prompt": p.prompt, "response": response,
+def record(p: Problem, response: str, *, prefix: str, spec: TaskSpec = DEFAULT_TASK) -> dict:
+    return {"id": f"{prefix}-{spec.family_of(p)}-{p.key}", "prompt": p.prompt, "response": response,
             "answer": str(p.answer)}
 
 
-def family_of(record_or_prompt) -> str:
+def family_of(record_or_prompt, spec: TaskSpec = DEFAULT_TASK) -> str:
     """``old`` / ``new`` for a record (by its prompt) or a prompt string."""
     prompt = record_or_prompt["prompt"] if isinstance(record_or_prompt, dict) else str(record_or_prompt)
-    return Problem.parse(prompt).family
+    return spec.family_of(Problem.parse(prompt))
 
 
 def make_datasets(
@@ -294,26 +302,31 @@ def make_datasets(
         return trace_b(p, check=check_step, style=style)
 
     out = {
-        "train_b": [record(p, b(p), prefix="train") for p in train],
-        "train_a": [record(p, trace_a(p), prefix="train") for p in train],
+        "train_b": [record(p, b(p), prefix="train", spec=spec) for p in train],
+        "train_a": [record(p, trace_a(p), prefix="train", spec=spec) for p in train],
     }
     for f in FAMILIES:
-        out[f"heldout_{f}"] = [record(p, b(p), prefix="heldout") for p in held[f]]
+        out[f"heldout_{f}"] = [record(p, b(p), prefix="heldout", spec=spec) for p in held[f]]
     out["heldout"] = out["heldout_old"] + out["heldout_new"]
     return out
 
 
 def pretrain_stream(
-    seed: int, spec: TaskSpec, *, filler_prob: float = 0.5, preamble_prob: float = 0.0, short_prob: float = 0.0
+    seed: int, spec: TaskSpec, *, filler_prob: float = 0.5, preamble_prob: float = 0.0, short_prob: float = 0.0,
+    new_prob: float = 0.0,
 ) -> Iterator[tuple[str, str]]:
     """Endless ``(prompt, response)`` pairs of teacher-A traces on training-side problems; ``preamble_prob`` of
     them open with a sentence from :data:`PREAMBLE_WORDS` (``Ok. 55+39=94,...``); ``short_prob`` of the problems
-    have two operands (one step) instead of three, so θ0 knows chains of more than one length."""
+    have two operands (one step) instead of three, so θ0 knows chains of more than one length; ``new_prob`` of
+    them are new-family problems, so θ0 solves part of the new family (a strong student, not a blank one)."""
     rng = random.Random(f"t3s-demo-pretrain-{seed}")
     while True:
-        p = sample_problem(rng, spec, "old")
-        if short_prob and rng.random() < short_prob:
-            p = Problem(p.operands[:2], p.ops[:1])
+        if new_prob and rng.random() < new_prob:
+            p = sample_problem(rng, spec, "new")
+        else:
+            p = sample_problem(rng, spec, "old")
+            if short_prob and rng.random() < short_prob:
+                p = Problem(p.operands[:2], p.ops[:1])
         if is_heldout(p, spec):
             continue
         text = trace_a_with_filler(p, rng) if rng.random() < filler_prob else trace_a(p)

@@ -74,7 +74,7 @@ def test_new_family_steps_stay_in_pretraining_range():
     rng = random.Random(1)
     for _ in range(500):
         p = sample_problem(rng, spec, "new")
-        assert len(p.operands) == spec.new_operands == 4 and p.family == "new"
+        assert len(p.operands) == spec.new_operands == 4 and spec.family_of(p) == "new"
         for i, (left, _, right, r) in enumerate(p.steps):
             assert spec.lo <= right <= spec.hi and 0 <= r <= spec.max_value
             assert i == 0 or left <= 2 * spec.hi
@@ -83,6 +83,33 @@ def test_new_family_steps_stay_in_pretraining_range():
         sample_problem(rng, spec, "newer")
     with pytest.raises(ValueError, match="operands"):
         Problem((1, 2), ("+", "-"))
+
+
+def test_large_skill_families():
+    spec = TaskSpec(new_skill="large")
+    rng = random.Random(2)
+    for family in ("old", "new"):
+        for _ in range(300):
+            p = sample_problem(rng, spec, family)
+            assert len(p.operands) == 3 and spec.family_of(p) == family
+            assert (p.answer > 2 * spec.hi) == (family == "new")
+            assert max(r for *_, r in p.steps[:-1]) <= 2 * spec.hi  # only the last step's result can be large
+    d = make_datasets(0, spec, n_train=40, n_heldout=10, check_step=False, style="marker")
+    assert all(int(r["answer"]) > 2 * spec.hi for r in d["heldout_new"])
+    assert all(int(r["answer"]) <= 2 * spec.hi for r in d["heldout_old"])
+    assert [family_of(r, spec) for r in d["train_b"]].count("new") == 20
+    with pytest.raises(ValueError, match="new_skill"):
+        TaskSpec(new_skill="poetry")
+
+
+@pytest.mark.parametrize("skill", ["chain", "large"])
+def test_pretraining_sees_the_new_family_at_new_prob(skill):
+    spec = TaskSpec(new_skill=skill)
+    never = pretrain_stream(0, spec, filler_prob=0.0, short_prob=0.3)
+    assert all(family_of(next(never)[0], spec) == "old" for _ in range(2000))
+    some = pretrain_stream(0, spec, filler_prob=0.0, short_prob=0.3, new_prob=0.1)
+    share = sum(family_of(next(some)[0], spec) == "new" for _ in range(4000)) / 4000
+    assert 0.07 < share < 0.13
 
 
 def test_styles():

@@ -10,7 +10,9 @@ pytest.importorskip("transformers")
 
 
 def test_demo_seeds_cli(tmp_path, capsys):
-    from t3s.cli import main
+    import yaml
+
+    from t3s.cli import demo_config, main
 
     run = tmp_path / "demo"
     overrides = [
@@ -22,17 +24,24 @@ def test_demo_seeds_cli(tmp_path, capsys):
         "accuracy.num_prompts=4", "accuracy.max_new_tokens=6", "eval.max_new_tokens=6", "variants=[sft,t3s,rrt]",
         "diagnostics.num_examples=4", "bottleneck.on_bad_curve=warn",  # a 2-step θ0 never ends its answers
     ]
-    assert main(["demo", "--seeds", "2", "--no-progress", *overrides]) == 0
+    base = demo_config(overrides)
+    # --first-seed picks the seeds (here 3 and 4); the training seed moves with the data seed
+    assert main(["demo", "--seeds", "2", "--first-seed", "3", "--no-progress", *overrides]) == 0
     out = capsys.readouterr().out
-    for seed in (0, 1):
+    for seed in (3, 4):
         fam = json.loads((run / f"seed{seed}" / "demo" / "families.json").read_text())
         assert fam["families"] == ["old", "new"] and fam["models"] == ["base", "sft", "t3s", "rrt"]
         assert set(fam["accuracy"]["t3s"]) == {"old", "new"} and 0.0 <= fam["anchor_fraction"] <= 1.0
         assert (run / f"seed{seed}" / "report" / "report.md").exists()
+        cfg = yaml.safe_load((run / f"seed{seed}" / "config.yaml").read_text())
+        assert cfg["demo"]["seed"] - cfg["train"]["seed"] == base.demo["seed"] - base.train.seed
+        assert cfg["demo"]["seed"] == seed
+        assert set(fam["regime"]) >= {"content_nonpos", "jaccard_low_conf", "loss0_kept", "curves"}
     # different pretraining seeds give different training data
-    a, b = ((run / f"seed{s}" / "demo" / "train_teacher_b.jsonl").read_text() for s in (0, 1))
+    a, b = ((run / f"seed{s}" / "demo" / "train_teacher_b.jsonl").read_text() for s in (3, 4))
     assert a != b
     table = (run / "seeds.md").read_text()
-    assert table.strip() in out and "Over 2 seeds (0, 1)" in table and "| T3S |" in table
-    assert set(json.loads((run / "seeds.json").read_text())) == {"0", "1"}
+    assert table.strip() in out and "Over 2 seeds (3, 4)" in table and "| T3S |" in table
+    assert "Pre-registered claim" in table and "Regime per seed" in table
+    assert set(json.loads((run / "seeds.json").read_text())) == {"3", "4"}
     assert main(["demo", "--seeds", "0", f"run_dir={run}"]) == 2  # a clear error, not a crash
