@@ -273,6 +273,12 @@ class RuntimeConfig:
     deterministic: bool = True
     """``torch.use_deterministic_algorithms`` (warn-only: an op with no deterministic kernel warns, never fails),
     cuDNN deterministic without benchmarking, and a fixed cuBLAS workspace."""
+    portable: bool = False
+    """Pin every instruction-set choice that changes float results (PyTorch's own kernels, MKL, oneDNN) to AVX2,
+    which every current x86-64 server CPU has, so the run gives the same bytes on any of them, not only on the CPU
+    type that wrote them. Set by the ``t3s`` command before torch loads (it re-starts itself if torch was already
+    loaded); on by default for ``t3s demo``. Costs some speed on an AVX-512 CPU (README). Covers x86-64 CPUs with
+    torch's MKL; not ARM, another BLAS or a GPU."""
     verify: str = "stat"
     """Checking finished stages' outputs on a re-run: ``stat`` re-hashes a file only when its size or modification
     time differs from the last hash taken (a size change is always caught); ``sha256`` re-reads every file."""
