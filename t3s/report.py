@@ -87,12 +87,29 @@ def collect(run_dir: str | Path) -> dict:
     return out
 
 
+def no_shock_note(bn: dict) -> str | None:
+    """What a missing or noise-level Imitation Shock means for this run (None when the shock is clear)."""
+    shock = bn.get("shock")
+    if not shock or shock.get("clear"):
+        return None
+    if shock["shock"]:
+        return f"{shock['message']}."
+    if bn.get("step") == 0:
+        return (f"{shock['message']}. θb = θ0 here (bottleneck.on_no_shock=proceed): every Δc is 0, so T3S equals "
+                "SFT (nothing is masked) and RRT = θ0 + (θf − θ0) = θf, the SFT model.")
+    return (f"{shock['message']}. θb is step {bn['step']} only because bottleneck.min_step={bn.get('min_step')} "
+            "leaves θ0 out (a departure from Eq. 1; bottleneck.on_no_shock=proceed): its Δc is not the paper's.")
+
+
 def share_warnings(data: dict, *, mode: str = "ar") -> list[str]:
     """Departures from the paper's regime worth a reader's attention (empty when none)."""
     warn = []
     bn = data.get("bottleneck") or {}
     if bn.get("curve_problem"):
         warn.append(f"θb is unreliable (bottleneck.on_bad_curve=warn): {bn['curve_problem']}")
+    shock_note = no_shock_note(bn)
+    if shock_note:
+        warn.append(shock_note)
     sel = data["selections"]
     t3s = sel.get("t3s")
     if mode == "ar" and t3s:
