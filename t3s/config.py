@@ -635,5 +635,8 @@ def documented_yaml(cfg: Config | None = None) -> str:
                 text = text.removesuffix("...").strip()
                 lines.append(f"{pad}{f.name}: {text}".rstrip())
 
+    from t3s.choices import choices_comment
+
     emit(cfg or Config(), 0)
+    lines += ["", *choices_comment(cfg or Config())]
     return "\n".join(lines).rstrip() + "\n"

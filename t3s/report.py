@@ -308,6 +308,19 @@ def results_table(data: dict, cfg: Config) -> tuple[list[dict], str]:
     return rows, table
 
 
+def _choices(cfg: Config) -> list[str]:
+    from dataclasses import asdict
+
+    from t3s.choices import choices_markdown
+
+    dllm = None
+    if cfg.train.mode == "dllm":
+        from t3s.dllm import DLLMConfig
+
+        dllm = asdict(DLLMConfig.from_dict(cfg.dllm))
+    return choices_markdown(cfg, dllm)
+
+
 def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = None) -> Path:
     """Write ``report/report.md``, ``report/results.json`` and the plots; return the markdown path."""
     run = Path(run_dir)
@@ -410,6 +423,8 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                + f"; BLAS {b.get('blas_info')} {b.get('mkl') or b.get('openblas') or ''} ({b.get('cpu_capability')})"
                f"; {prov['machine']['cpu']}{', ' + prov['machine']['gpu'] if prov['machine'].get('gpu') else ''}. "
                f"Bit-identical numbers need {prov['reproducible_when']}.", ""]
+    md += ["## Choices the paper leaves open", "", "The values this run used (from its config):", "",
+           *_choices(cfg), ""]
     write_json_atomic(out / "results.json", {"rows": rows, "bottleneck": bn, "delta_c": delta_stats,
                                               "warnings": warnings, "accuracy_settings": data.get("accuracy_settings"),
                                               "mode": mode, "provenance": prov,

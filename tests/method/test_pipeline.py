@@ -340,7 +340,12 @@ def test_no_shock_with_the_override_runs_and_the_report_says_t3s_is_sft(root, tm
     assert bn["step"] == 0 and bn["shock"]["shock"] is False
     t3s = json.loads((run / "selections" / "t3s" / "selection.json").read_text())["stats"]
     assert t3s["num_selected"] == 0  # Δc ≡ 0: nothing is an anchor
-    assert "T3S equals SFT" in report.read_text()
+    text = report.read_text()
+    assert "T3S equals SFT" in text
+    # the paper-silent choices with the values this run used (tiny_config: warm-up 1, lr 1e-2)
+    assert "## Choices the paper leaves open" in text and "| cosine, warm-up 1, to 0 x lr |" in text
+    assert "| baseline ranking | `select.ranking` | global |" in text and "lr 0.01 |" in text
+    assert "dLLM block size" not in text  # an AR run
 
 
 def test_a_real_drop_takes_the_minimum_and_warns_when_it_is_within_the_noise(root, tmp_path, monkeypatch):
