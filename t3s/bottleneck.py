@@ -8,6 +8,12 @@ Three ways to pick it, all pure functions of an accuracy curve ``{step: accuracy
   further evaluations bring no new minimum, and training may stop there.
 * :func:`fixed_bottleneck` — T3S-simple: a fixed step (the paper: 10).
 
+Eq. 1 ranges over θ(0), θ(1), …: θ0 itself is a candidate. When no later checkpoint is less accurate than θ0
+there is no Imitation Shock and θb = θ0, so Δc ≡ 0 and T3S is SFT; :func:`shock_check` says so (the pipeline
+stops before profiling unless ``bottleneck.on_no_shock=proceed``), and warns when the drop is within the
+curve's own sampling noise. ``min_step`` > 0 leaves the first checkpoints out: a departure from Eq. 1, off by
+default.
+
 The default is ``argmin`` (Eq. 1). An early θb is costly: in the paper's selector sweep (Table 8) the true
 bottleneck gives 77.3 AIME24/25, two evaluations earlier 74.5 and at step 2 68.3 — so a plateau before the true
 minimum must not be taken for it, which the online rule can do when ``patience`` is short.
@@ -18,6 +24,7 @@ because the answers lie beyond ``max_new_tokens``) or measured on mostly truncat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -48,11 +55,59 @@ class CurveError(ValueError):
     """A training-accuracy curve that cannot locate the Imitation Bottleneck; the message says what to change."""
 
 
+class NoShockError(ValueError):
+    """The curve never falls below θ0's accuracy: θb = θ0 and T3S would be SFT."""
+
+
+NOISE_SIGMAS = 2.0
+"""A drop below θ0's accuracy counts as clear when it exceeds this many standard errors."""
+
+
+def shock_check(curve: dict[int, float], *, num_trials: int | None = None) -> dict | None:
+    """Is there an Imitation Shock (a checkpoint after θ0 less accurate than θ0), and is it above the noise?
+
+    ``num_trials``: completions behind each accuracy (prompts x samples); the noise is the binomial standard
+    error of the difference of two accuracies over that many trials, ``sqrt((a0(1-a0) + am(1-am)) / n)``
+    (taken as independent, which overstates it a little when the same prompts are scored). Returns None when
+    the curve has no θ0 (step 0) value; otherwise a dict with ``shock``, ``clear``, the accuracies, the drop,
+    the standard error and a ``message`` (None when the shock is clear).
+    """
+    items = dict(_check(curve))
+    if 0 not in items:
+        return None
+    base = items[0]
+    later = [(s, a) for s, a in items.items() if s > 0]
+    out = {"base_accuracy": base, "min_step": None, "min_accuracy": None, "drop": 0.0, "standard_error": None,
+           "num_trials": num_trials, "shock": False, "clear": False}
+    if not later:
+        out["message"] = "only θ0 was evaluated: no Imitation Shock can be seen"
+        return out
+    step, low = min(later, key=lambda sa: (sa[1], sa[0]))
+    drop = base - low
+    se = math.sqrt((base * (1 - base) + low * (1 - low)) / num_trials) if num_trials else None
+    out.update(min_step=step, min_accuracy=low, drop=drop, standard_error=se, shock=drop > 0)
+    out["clear"] = drop > 0 and (se is None or drop > NOISE_SIGMAS * se)
+    if not out["shock"]:
+        out["message"] = (f"no Imitation Shock: training accuracy never falls below θ0's {base:.3f} (lowest later "
+                          f"{low:.3f} at step {step}), so by Eq. 1 θb = θ0, Δc ≡ 0 and T3S would equal SFT")
+    elif not out["clear"]:
+        out["message"] = (f"the Imitation Shock is within the measurement noise: the lowest accuracy {low:.3f} (step "
+                          f"{step}) is {drop:.3f} below θ0's {base:.3f}, less than {NOISE_SIGMAS:g} binomial "
+                          f"standard errors ({NOISE_SIGMAS:g} x {se:.3f} over {num_trials} completions); θb may be "
+                          "noise: raise accuracy.num_prompts or num_samples")
+    else:
+        out["message"] = None
+    return out
+
+
 def describe(bn: dict) -> str:
     """How a bottleneck was chosen, in words (for logs and the report)."""
     method = bn.get("method")
     if method == "argmin":
-        return "argmin of training accuracy over the whole trajectory (paper Eq. 1)"
+        if bn.get("min_step"):
+            return (f"argmin of training accuracy over steps >= {bn['min_step']} (bottleneck.min_step: a departure "
+                    "from the paper's Eq. 1, which includes θ0)")
+        return "argmin of training accuracy over the whole trajectory, θ0 included (paper Eq. 1)"
     if method == "fixed":
         return "fixed step (T3S-simple; the paper uses step 10), not searched"
     if bn.get("confirmed_at") is not None:
@@ -97,8 +152,8 @@ def check_curve(rows: list[dict], *, max_truncated_fraction: float = 0.5, max_ne
             "bottleneck.method=fixed (T3S-simple, step 10), or bottleneck.on_bad_curve=warn to take the tie anyway")
 
 
-def argmin_bottleneck(curve: dict[int, float], *, min_step: int = 1) -> Bottleneck:
-    """Earliest step of lowest accuracy among steps ``>= min_step``."""
+def argmin_bottleneck(curve: dict[int, float], *, min_step: int = 0) -> Bottleneck:
+    """Earliest step of lowest accuracy among steps ``>= min_step`` (0: Eq. 1, θ0 included)."""
     items = [(s, a) for s, a in _check(curve) if s >= min_step]
     if not items:
         raise ValueError(f"no accuracy evaluated at step >= {min_step}")
@@ -122,7 +177,7 @@ class OnlineBottleneckDetector:
 
     patience: int = 3
     min_delta: float = 0.0
-    min_step: int = 1
+    min_step: int = 0
     best_step: int | None = None
     best_accuracy: float | None = None
     since_best: int = 0
@@ -168,7 +223,7 @@ class OnlineBottleneckDetector:
 
 
 def detect_online(curve: dict[int, float], *, patience: int = 3, min_delta: float = 0.0,
-                  min_step: int = 1) -> Bottleneck:
+                  min_step: int = 0) -> Bottleneck:
     """Replay a curve through :class:`OnlineBottleneckDetector`; stops at the first confirmation."""
     det = OnlineBottleneckDetector(patience=patience, min_delta=min_delta, min_step=min_step)
     for step, acc in _check(curve):
@@ -179,7 +234,7 @@ def detect_online(curve: dict[int, float], *, patience: int = 3, min_delta: floa
 
 
 def find_bottleneck(curve: dict[int, float] | None, *, method: str = "argmin", step: int = 10,
-                    patience: int = 3, min_delta: float = 0.0, min_step: int = 1) -> Bottleneck:
+                    patience: int = 3, min_delta: float = 0.0, min_step: int = 0) -> Bottleneck:
     """Dispatch on ``method`` (``argmin`` (default, Eq. 1) / ``online`` / ``fixed``)."""
     if method == "fixed":
         return fixed_bottleneck(step, curve)

@@ -6,7 +6,8 @@
                                             it re-runs the others (--redo STAGE re-runs one anyway)
     t3s demo [--seeds K] [--first-seed S] [key=value ...] [--redo STAGE]
                                             the offline CPU demo (t3s/configs/demo.yaml); K seeds
-                                            give mean ± sd per model and problem family
+                                            give mean ± sd per model and problem family;
+                                            runtime.portable=true unless overridden
     t3s train CONFIG.yaml [key=value ...] [--selection DIR] [--out DIR] [--mode ar|dllm]
                                             one training run (AR SFT / a selection, or block diffusion)
     t3s profile --model M --data D --out S  per-token confidence c_t of one checkpoint
@@ -14,6 +15,8 @@
     t3s report RUN_DIR                      rebuild a run's report from its files
 
 Overrides use dotted keys and YAML values: ``optim.lr=5e-4 variants=[sft,t3s] bottleneck.method=fixed``.
+``runtime.portable=true`` pins every instruction-set choice that changes float results to AVX2 (PyTorch's
+kernels, MKL, oneDNN), so a CPU run gives the same bytes on any x86-64 CPU type (t3s.runtime.PORTABLE_ENV).
 Multi-GPU: ``torchrun --nproc-per-node 8 -m t3s.cli run CONFIG.yaml`` (FSDP2; ``distributed.strategy=ddp``).
 """
 
@@ -36,13 +39,39 @@ def _offline() -> None:
         os.environ.setdefault(k, "1")
 
 
+_AS_COMMAND = False  # main() runs as the process's own command (console script, ``python -m``, torchrun)
+
+
 def _load(path, overrides: list[str]):
-    """The config, then the threading environment it asks for, set before torch is first imported."""
+    """The config, then the threading and instruction-set environment it asks for, set before torch is first
+    imported."""
     from t3s.runtime import pin_threading_env
 
     cfg = load_config(path, overrides)
     pin_threading_env(cfg.runtime.threads)
+    if cfg.runtime.portable:
+        _pin_portable()
     return cfg
+
+
+def _pin_portable() -> None:
+    """``runtime.portable``: the AVX2 pins, in force before torch dispatches anything.
+
+    Torch is not imported yet on the command's own path, so setting the environment suffices. If it is (a
+    caller imported it first), the command re-starts itself with the pins set, the only way to be sure no
+    library read its dispatch level already; called as a library function it cannot, so it warns and
+    ``provenance.json`` records what is in force.
+    """
+    from t3s.runtime import pin_portable_env, portable_env_missing
+
+    missing = portable_env_missing()
+    if pin_portable_env() or not missing:
+        return
+    if _AS_COMMAND:
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    print(f"t3s: runtime.portable: torch was imported before the instruction-set pins were set (had {missing}); "
+          "provenance.json records which are in force", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -70,7 +99,8 @@ def demo_config(overrides: list[str]):
         path = config_path("demo")
     except ConfigError:
         path = None
-    return _load(path, overrides)
+    # portable by default: the README's numbers must reproduce on the reader's x86-64 CPU type too
+    return _load(path, ["runtime.portable=true", *overrides])
 
 
 def _demo_one(overrides: list[str], *, progress: bool, redo=()) -> dict:
@@ -219,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _STARTED
+    global _STARTED, _AS_COMMAND
     _STARTED = time.time()
+    _AS_COMMAND = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _offline()
     if argv and argv[0] in ("profile", "select"):  # their own parsers, owned by t3s.profile / t3s.select

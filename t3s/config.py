@@ -190,8 +190,14 @@ class BottleneckConfig:
     stop_early: bool = True
     """``online``: stop the SFT trajectory once the bottleneck is confirmed; ``fixed``: stop at ``step``.
     (``argmin`` always runs the whole trajectory; its final checkpoint is RRT's θf.)"""
-    min_step: int = 1
-    """Never pick a checkpoint before this step (step 0 is θ0 itself)."""
+    min_step: int = 0
+    """Never pick a checkpoint before this step. 0 (default) is the paper's Eq. 1, which ranges over θ0 and every
+    checkpoint; a larger value leaves θ0 (and the first steps) out, a departure from Eq. 1 that picks a later
+    checkpoint even when the curve never falls below θ0's accuracy."""
+    on_no_shock: str = "error"
+    """No Imitation Shock (no checkpoint less accurate than θ0, so by Eq. 1 θb = θ0 and T3S equals SFT):
+    ``error`` (stop after the trajectory, before profiling, saying so) or ``proceed`` (run anyway; the report
+    says T3S equals SFT). A drop within the accuracy's binomial noise only warns."""
     on_bad_curve: str = "error"
     """A curve that cannot locate θb (flat, or measured on mostly truncated / answerless completions): ``error``
     (stop with what to change) or ``warn`` (take θb anyway; the problem is recorded in bottleneck.json and shown
@@ -214,6 +220,11 @@ class SelectConfig:
     """dLLM targets ``Δc < -tau`` (the paper: 0.2, about 5 % of tokens)."""
     seed: int = 0
     """Seed of the random-mask control."""
+    ranking: str = "global"
+    """Where the ``static_*`` / ``random`` baselines rank tokens: ``global`` (over the whole dataset) or
+    ``per_sequence`` (each sequence masks as many as T3S masks in it). Either way they mask exactly as many
+    tokens as T3S after the end-token exemption. The paper does not say (Appendix K: "the same token
+    fraction"); global is this library's choice."""
 
 
 @dataclass
@@ -273,6 +284,12 @@ class RuntimeConfig:
     deterministic: bool = True
     """``torch.use_deterministic_algorithms`` (warn-only: an op with no deterministic kernel warns, never fails),
     cuDNN deterministic without benchmarking, and a fixed cuBLAS workspace."""
+    portable: bool = False
+    """Pin every instruction-set choice that changes float results (PyTorch's own kernels, MKL, oneDNN) to AVX2,
+    which every current x86-64 server CPU has, so the run gives the same bytes on any of them, not only on the CPU
+    type that wrote them. Set by the ``t3s`` command before torch loads (it re-starts itself if torch was already
+    loaded); on by default for ``t3s demo``. Costs some speed on an AVX-512 CPU (README). Covers x86-64 CPUs with
+    torch's MKL; not ARM, another BLAS or a GPU."""
     verify: str = "stat"
     """Checking finished stages' outputs on a re-run: ``stat`` re-hashes a file only when its size or modification
     time differs from the last hash taken (a size change is always caught); ``sha256`` re-reads every file."""
@@ -319,6 +336,8 @@ _CHOICES = {
     "bottleneck.method": ("argmin", "online", "fixed"),
     "generation.backend": ("hf", "vllm"),
     "bottleneck.on_bad_curve": ("error", "warn"),
+    "bottleneck.on_no_shock": ("error", "proceed"),
+    "select.ranking": ("global", "per_sequence"),
     "distributed.strategy": ("fsdp2", "ddp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
     "runtime.verify": ("stat", "sha256"),
@@ -556,6 +575,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.warmup_steps < 0 or cfg.bottleneck.patience < 1 or cfg.bottleneck.step < 1:
         raise ConfigError("optim.warmup_steps must be >= 0, bottleneck.patience and bottleneck.step >= 1")
+    if cfg.bottleneck.min_step < 0:
+        raise ConfigError(f"bottleneck.min_step must be >= 0 (0 = θ0 included, Eq. 1), got {cfg.bottleneck.min_step}")
     if cfg.bottleneck.method == "fixed" and cfg.bottleneck.step > cfg.train.steps:
         raise ConfigError(f"bottleneck.step={cfg.bottleneck.step} is after the last step (train.steps="
                           f"{cfg.train.steps})")
@@ -620,5 +641,8 @@ def documented_yaml(cfg: Config | None = None) -> str:
                 text = text.removesuffix("...").strip()
                 lines.append(f"{pad}{f.name}: {text}".rstrip())
 
+    from t3s.choices import choices_comment
+
     emit(cfg or Config(), 0)
+    lines += ["", *choices_comment(cfg or Config())]
     return "\n".join(lines).rstrip() + "\n"

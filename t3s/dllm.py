@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from t3s.generate import Completion, GenerationBackend
+from t3s.schedule import lr_scheduler
 from t3s_kernels import linear_cross_entropy
 from t3s_kernels.block_diffusion import (
     FORCED,
@@ -405,6 +406,8 @@ def train_dllm(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.95),
     warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
     max_grad_norm: float | None = 1.0,
     optimizer: torch.optim.Optimizer | None = None,
     shuffle_seed: int = 0,
@@ -421,13 +424,15 @@ def train_dllm(
         tokenizer: gives ``mask_token_id`` (when ``cfg.mask_token_id`` is unset) and ``pad_token_id``.
         pad_id: pad id for collation (default: the tokenizer's, else ``cfg.mask_token_id``).
         steps, batch_size, micro_batch_size: optimizer steps, examples per step, examples per forward.
-        lr, weight_decay, betas, warmup_steps, max_grad_norm: AdamW with linear warm-up then constant lr;
-            ``optimizer`` replaces it.
+        lr, weight_decay, betas, max_grad_norm: AdamW (``optimizer`` replaces it).
+        warmup_steps, schedule, min_lr_ratio: the learning-rate schedule over ``steps``, the same as AR
+            training's (:func:`t3s.schedule.lr_lambda`: linear warm-up, then ``cosine`` to ``min_lr_ratio x lr``
+            or ``constant``).
         log: called with each step's row.
 
     Returns:
-        One row per step: ``step``, ``loss``, ``lr``, ``grad_norm``, ``normalizer`` and per class
-        (random / target / forced) ``n_*`` masked counts and ``ce_*`` mean CE.
+        One row per step: ``step``, ``loss``, ``lr`` (the rate this step used), ``grad_norm``, ``normalizer``
+        and per class (random / target / forced) ``n_*`` masked counts and ``ce_*`` mean CE.
     """
     from t3s.data import collate
 
@@ -441,7 +446,8 @@ def train_dllm(
     lm = _adapter(model)
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    sched = lr_scheduler(opt, total_steps=steps, warmup_steps=warmup_steps, schedule=schedule,
+                         min_lr_ratio=min_lr_ratio)
     param = next(lm.model.parameters())
     attn = _attn_impl(lm.model)
     rng = random.Random(shuffle_seed)
@@ -474,12 +480,13 @@ def train_dllm(
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))  # inf: measure, clip nothing
         )
+        lr_used = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         row = {
             "step": step,
             "loss": float(total),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": lr_used,
             "grad_norm": float(grad_norm),
             "normalizer": float(normalizer),
             **_summarise(stats),

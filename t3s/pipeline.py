@@ -310,7 +310,8 @@ class Pipeline:
         else:
             traj_outputs, bn_outputs = ("trajectory",), ("bottleneck.json",)
         s = [Stage("sft_trajectory", self.stage_trajectory,
-                   config=(*training, "accuracy", "bottleneck", "generation", "-accuracy.track_variants"),
+                   config=(*training, "accuracy", "bottleneck", "generation", "-accuracy.track_variants",
+                           "-bottleneck.on_no_shock"),
                    inputs={**ar_base, "accuracy.curve": c.accuracy.curve}, outputs=traj_outputs)]
         if self.offline_accuracy:
             s.append(Stage("trajectory_eval", self.stage_trajectory_eval, config=("accuracy", "generation"),
@@ -555,11 +556,13 @@ class Pipeline:
                     shutil.copytree(src, tmp, dirs_exist_ok=True)
         else:
             bn = summary["bottleneck"]
+        bn["min_step"] = b.min_step
+        shock = self._shock(rows, settings) if b.method != "fixed" else None
         if not (traj / "bottleneck" / "config.json").exists():
             raise RuntimeError("the SFT trajectory left no bottleneck checkpoint in trajectory/bottleneck")
         info = {**bn, "description": describe(bn), "trajectory_steps": summary["steps_run"],
                 "stopped_early": summary["stopped_early"], "evaluated_steps": [int(r["step"]) for r in rows],
-                "curve_problem": problem,
+                "curve_problem": problem, "shock": shock,
                 "generation": {k: settings.get(k) for k in ("backend", "sampling", "max_new_tokens", "num_prompts")}}
         if D.is_main():
             write_json_atomic(self.run_dir / "bottleneck.json", info)
@@ -569,6 +572,21 @@ class Pipeline:
         self.log(f"[t3s] Imitation Bottleneck at step {bn['step']} (training accuracy "
                  f"{'n/a' if acc is None else format(acc, '.3f')}; {describe(bn)})")
         return {"step": bn["step"]}
+
+    def _shock(self, rows: list[dict], settings: dict) -> dict | None:
+        """:func:`t3s.bottleneck.shock_check` on the trajectory; no shock stops here unless on_no_shock=proceed."""
+        from t3s.bottleneck import NoShockError, shock_check
+
+        sampling = settings.get("sampling") or {}
+        trials = (settings["num_prompts"] * sampling.get("num_samples", 1)) if settings.get("num_prompts") else None
+        shock = shock_check({int(r["step"]): float(r["train_accuracy"]) for r in rows}, num_trials=trials)
+        if shock is None or shock["message"] is None:
+            return shock
+        if not shock["shock"] and self.cfg.bottleneck.on_no_shock == "error":
+            raise NoShockError(f"{shock['message']}. Stopped before profiling; bottleneck.on_no_shock=proceed runs "
+                               "anyway")
+        self.log(f"[t3s] WARNING: {shock['message']}")
+        return shock
 
     def stage_profile(self, which: str) -> dict:
         from t3s.profile import profile_confidence
@@ -603,7 +621,7 @@ class Pipeline:
         if D.is_main():
             for rule in rules:
                 sel = select_tokens(self.run_dir / "delta", rule=rule, threshold=s.threshold, quantile=s.quantile,
-                                    tau=s.tau, seed=s.seed, end_token_ids=s.end_token_ids,
+                                    tau=s.tau, seed=s.seed, end_token_ids=s.end_token_ids, ranking=s.ranking,
                                     always_train_eos=s.always_train_eos and rule != "dllm_targets")
                 save_selection(sel, self.run_dir / "selections" / rule)
                 self.log(f"[t3s]   {format_stats(sel)}")

@@ -87,12 +87,29 @@ def collect(run_dir: str | Path) -> dict:
     return out
 
 
+def no_shock_note(bn: dict) -> str | None:
+    """What a missing or noise-level Imitation Shock means for this run (None when the shock is clear)."""
+    shock = bn.get("shock")
+    if not shock or shock.get("clear"):
+        return None
+    if shock["shock"]:
+        return f"{shock['message']}."
+    if bn.get("step") == 0:
+        return (f"{shock['message']}. θb = θ0 here (bottleneck.on_no_shock=proceed): every Δc is 0, so T3S equals "
+                "SFT (nothing is masked) and RRT = θ0 + (θf − θ0) = θf, the SFT model.")
+    return (f"{shock['message']}. θb is step {bn['step']} only because bottleneck.min_step={bn.get('min_step')} "
+            "leaves θ0 out (a departure from Eq. 1; bottleneck.on_no_shock=proceed): its Δc is not the paper's.")
+
+
 def share_warnings(data: dict, *, mode: str = "ar") -> list[str]:
     """Departures from the paper's regime worth a reader's attention (empty when none)."""
     warn = []
     bn = data.get("bottleneck") or {}
     if bn.get("curve_problem"):
         warn.append(f"θb is unreliable (bottleneck.on_bad_curve=warn): {bn['curve_problem']}")
+    shock_note = no_shock_note(bn)
+    if shock_note:
+        warn.append(shock_note)
     sel = data["selections"]
     t3s = sel.get("t3s")
     if mode == "ar" and t3s:
@@ -291,6 +308,19 @@ def results_table(data: dict, cfg: Config) -> tuple[list[dict], str]:
     return rows, table
 
 
+def _choices(cfg: Config) -> list[str]:
+    from dataclasses import asdict
+
+    from t3s.choices import choices_markdown
+
+    dllm = None
+    if cfg.train.mode == "dllm":
+        from t3s.dllm import DLLMConfig
+
+        dllm = asdict(DLLMConfig.from_dict(cfg.dllm))
+    return choices_markdown(cfg, dllm)
+
+
 def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = None) -> Path:
     """Write ``report/report.md``, ``report/results.json`` and the plots; return the markdown path."""
     run = Path(run_dir)
@@ -393,6 +423,8 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                + f"; BLAS {b.get('blas_info')} {b.get('mkl') or b.get('openblas') or ''} ({b.get('cpu_capability')})"
                f"; {prov['machine']['cpu']}{', ' + prov['machine']['gpu'] if prov['machine'].get('gpu') else ''}. "
                f"Bit-identical numbers need {prov['reproducible_when']}.", ""]
+    md += ["## Choices the paper leaves open", "", "The values this run used (from its config):", "",
+           *_choices(cfg), ""]
     write_json_atomic(out / "results.json", {"rows": rows, "bottleneck": bn, "delta_c": delta_stats,
                                               "warnings": warnings, "accuracy_settings": data.get("accuracy_settings"),
                                               "mode": mode, "provenance": prov,

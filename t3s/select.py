@@ -12,9 +12,13 @@ Rules (``Δc = c(θb) − c(θ0)``, ``c = log p``; "masked" means weight 0 in th
 ``random``           the same fraction, chosen uniformly at random (seeded).
 ==================== =============================================================================================
 
-The fraction-matched rules rank tokens over the whole dataset (as the paper's "top-p" baselines do) and mask
-exactly ``round(fraction x tokens)`` of them; ``fraction`` defaults to the T3S anchor fraction with the same
-``threshold`` / ``quantile``. Ties are broken by token order, so every rule is deterministic.
+The fraction-matched rules mask exactly as many tokens as T3S masks *after* every exemption (with
+``always_train_eos`` the end tokens are exempt from them too, so the counts are equal; the paper's Appendix K
+compares at "the same token fraction"). With an explicit ``fraction`` they mask ``round(fraction x tokens)``
+(at most the non-exempt tokens). ``ranking`` says where the tokens are ranked: ``global`` (over the whole
+dataset; the default) or ``per_sequence`` (each sequence masks as many as T3S masks in it, or its share of the
+``fraction`` budget). The paper does not say which its "top-p" baselines use: the default is this library's
+choice. Ties are broken by token order, so every rule is deterministic.
 
 End-of-sequence and end-of-turn tokens: the paper says nothing about them. ``always_train_eos`` (the pipeline's
 default, ``select.always_train_eos``) keeps them in the loss of every AR rule whatever their Δc: with the bare
@@ -46,6 +50,7 @@ from t3s.data import IGNORE_INDEX, TokenizedExample
 from t3s.io import read_json, write_json_atomic, write_parquet_atomic
 from t3s.profile import DELTA_FILE, Store, delta_confidence, load_delta
 
+RANKINGS = ("global", "per_sequence")
 RULES = ("t3s", "neg_t3s", "dllm_targets", "static_high_conf", "static_low_conf", "random")
 AR_RULES = tuple(r for r in RULES if r != "dllm_targets")
 
@@ -88,12 +93,46 @@ class Selection:
         return self._by_id
 
 
-def _ranked_mask(values: np.ndarray, count: int, *, highest: bool) -> np.ndarray:
-    """Boolean mask of the ``count`` highest (or lowest) values; ties go to the earlier token."""
-    order = np.lexsort((np.arange(values.size), -values if highest else values))
+def _ranked_mask(values: np.ndarray, count: int, *, highest: bool, eligible: np.ndarray) -> np.ndarray:
+    """Boolean mask of the ``count`` highest (or lowest) eligible values; ties go to the earlier token."""
+    idx = np.nonzero(eligible)[0]
+    order = np.lexsort((idx, -values[idx] if highest else values[idx]))
     mask = np.zeros(values.size, dtype=bool)
-    mask[order[:count]] = True
+    mask[idx[order[:count]]] = True
     return mask
+
+
+def _random_mask(count: int, *, eligible: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    idx = np.nonzero(eligible)[0]
+    mask = np.zeros(eligible.size, dtype=bool)
+    mask[idx[rng.permutation(idx.size)[:count]]] = True
+    return mask
+
+
+def _apportion(budget: int, sizes: np.ndarray) -> np.ndarray:
+    """Split ``budget`` over groups in proportion to ``sizes`` (largest remainder: the parts sum to it)."""
+    sizes = sizes.astype(np.int64)
+    if budget == 0 or sizes.sum() == 0:
+        return np.zeros(sizes.size, dtype=np.int64)
+    exact = budget * sizes / sizes.sum()
+    parts = np.floor(exact).astype(np.int64)
+    parts[np.argsort(-(exact - parts), kind="stable")[: budget - int(parts.sum())]] += 1
+    return parts
+
+
+def _matched_mask(rule: str, *, base: np.ndarray, eligible: np.ndarray, counts: np.ndarray, offsets: np.ndarray,
+                  ranking: str, seed: int) -> np.ndarray:
+    """The ``static_*`` / ``random`` mask: ``counts[i]`` eligible tokens of group ``i`` (one group: global)."""
+    rng = np.random.default_rng(seed)
+    picked = np.zeros(base.size, dtype=bool)
+    for i, count in enumerate(counts):
+        lo, hi = (0, base.size) if ranking == "global" else (offsets[i], offsets[i + 1])
+        if rule == "random":
+            picked[lo:hi] = _random_mask(int(count), eligible=eligible[lo:hi], rng=rng)
+        else:
+            picked[lo:hi] = _ranked_mask(base[lo:hi], int(count), highest=rule == "static_high_conf",
+                                         eligible=eligible[lo:hi])
+    return picked
 
 
 def select_tokens(
@@ -108,6 +147,7 @@ def select_tokens(
     always_train_eos: bool = False,
     eos_token_ids: Sequence[int] | None = None,
     end_token_ids: Sequence[int] = (),
+    ranking: str = "global",
 ) -> Selection:
     """Select tokens from a Δc store.
 
@@ -125,6 +165,8 @@ def select_tokens(
         always_train_eos: AR rules only: end-of-sequence tokens keep weight 1 whatever the rule says.
         eos_token_ids: which ids count as end of sequence (default: recorded in the store's provenance).
         end_token_ids: extra end-of-turn ids (``<|im_end|>``, ``<|eot_id|>``) treated like EOS.
+        ranking: ``global`` or ``per_sequence``: where the ``static_*`` / ``random`` rules rank tokens (a
+            choice the paper leaves open; see the module docstring).
 
     Returns:
         :class:`Selection` with one weight array per example, aligned with the example's label positions.
@@ -135,6 +177,8 @@ def select_tokens(
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     if fraction is not None and not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
     if tau < 0:
         raise ValueError(f"tau must be >= 0 (targets are Δc < −tau), got {tau}")
     if always_train_eos and rule == "dllm_targets":
@@ -154,8 +198,24 @@ def select_tokens(
 
     cut = float(np.quantile(delta, quantile)) if quantile is not None and total else threshold
     anchors = delta > cut
+    eos = list(eos_token_ids) if eos_token_ids is not None else list(store.provenance.get("eos_token_ids", []))
+    eos = sorted({int(i) for i in [*eos, *end_token_ids]})
+    is_end = np.isin(token_ids, eos) if eos else np.zeros(total, dtype=bool)
+    if always_train_eos and not eos:
+        raise ValueError("always_train_eos needs eos_token_ids (none recorded in the store's provenance)")
+    exempt = is_end if always_train_eos else np.zeros(total, dtype=bool)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    # the budget is what T3S masks after the exemptions, so every fraction-matched rule masks as many tokens
+    t3s_masked = anchors & ~exempt
     target_fraction = fraction if fraction is not None else (float(anchors.mean()) if total else 0.0)
-    budget = matched_fraction_count(target_fraction, total)
+    sequence_of = np.repeat(np.arange(len(counts)), counts)
+    if fraction is None:
+        budget = int(t3s_masked.sum())
+        per_sequence = np.bincount(sequence_of, weights=t3s_masked, minlength=len(counts)).astype(np.int64)
+    else:
+        budget = min(matched_fraction_count(fraction, total), int((~exempt).sum()))
+        per_sequence = _apportion(budget, np.bincount(sequence_of, weights=~exempt, minlength=len(counts)))
+    group_counts = np.asarray([budget]) if ranking == "global" else per_sequence
 
     meaning = "loss_weight"
     if rule == "t3s":
@@ -165,21 +225,12 @@ def select_tokens(
     elif rule == "dllm_targets":
         picked = delta < -tau
         meaning = "target"
-    elif rule == "static_high_conf":
-        picked = _ranked_mask(base, budget, highest=True)
-    elif rule == "static_low_conf":
-        picked = _ranked_mask(base, budget, highest=False)
-    else:  # random
-        picked = np.zeros(total, dtype=bool)
-        picked[np.random.default_rng(seed).permutation(total)[:budget]] = True
+    else:
+        picked = _matched_mask(rule, base=base, eligible=~exempt, counts=group_counts, offsets=offsets,
+                               ranking=ranking, seed=seed)
 
     weight = picked.astype(np.float32) if meaning == "target" else (~picked).astype(np.float32)
-    eos = list(eos_token_ids) if eos_token_ids is not None else list(store.provenance.get("eos_token_ids", []))
-    eos = sorted({int(i) for i in [*eos, *end_token_ids]})
-    is_end = np.isin(token_ids, eos) if eos else np.zeros(total, dtype=bool)
     if always_train_eos:
-        if not eos:
-            raise ValueError("always_train_eos needs eos_token_ids (none recorded in the store's provenance)")
         weight[is_end] = 1.0
         picked = weight == 0.0
 
@@ -213,7 +264,8 @@ def select_tokens(
     }
     params = {
         "rule": rule, "tau": tau, "threshold": threshold, "quantile": quantile, "fraction": fraction,
-        "matched_fraction": target_fraction, "seed": seed, "always_train_eos": always_train_eos,
+        "matched_fraction": target_fraction, "matched_count": budget, "ranking": ranking, "seed": seed,
+        "always_train_eos": always_train_eos,
         "end_token_ids": eos,
         "delta_store": str(store.path) if store.path else None,
     }
@@ -332,6 +384,8 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--quantile", type=float, default=None, help="anchor cut at this Δc quantile instead")
     parser.add_argument("--fraction", type=float, default=None, help="mask fraction of static/random rules")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random rule")
+    parser.add_argument("--ranking", choices=RANKINGS, default="global",
+                        help="static/random rules: rank over the whole dataset or within each sequence")
     parser.add_argument("--always-train-eos", action="store_true", help="never mask end-of-sequence tokens")
     return parser
 
@@ -357,6 +411,7 @@ def select_main(args: Sequence[str] | argparse.Namespace | None = None) -> int:
         selection = select_tokens(
             store, rule=rule, tau=args.tau, threshold=args.threshold, quantile=args.quantile,
             fraction=args.fraction, seed=args.seed, always_train_eos=args.always_train_eos and rule != "dllm_targets",
+            ranking=args.ranking,
         )
         out = Path(args.out) / rule if len(rules) > 1 else Path(args.out)
         save_selection(selection, out)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from t3s.config import Config
 from t3s.data import IGNORE_INDEX, TokenizedExample, collate, pack_examples
 from t3s.io import atomic_path, write_json_atomic
 from t3s.packing import model_attn_implementation, packed_model_inputs, resolve_attn_implementation
+from t3s.schedule import lr_scheduler
 
 EvalHook = Callable[["SFTRecipe", int], dict[str, float]]
 
@@ -165,17 +165,6 @@ def save_hf_checkpoint(lm: nn.Module, state_dict: dict, path: str | Path, tokeni
 # Optimizer schedule
 
 
-def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def batch_schedule(num_examples: int, batch_size: int, steps: int, seed: int, shuffle: bool = True
                    ) -> list[list[int]]:
     """Example indices of every optimizer step: passes over a seeded permutation, wrapping across epochs."""
@@ -284,9 +273,8 @@ class SFTRecipe:
             [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         o = cfg.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
-            s, total_steps=cfg.train.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
-            min_lr_ratio=o.min_lr_ratio))
+        self.scheduler = lr_scheduler(self.optimizer, total_steps=cfg.train.steps, warmup_steps=o.warmup_steps,
+                                      schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
 
         for ex in self.examples:
             if all(label == IGNORE_INDEX for label in ex.labels):
@@ -378,10 +366,11 @@ class SFTRecipe:
         grad_norm = None
         if self.cfg.optim.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss_sum), "tokens": float(norm), "lr": self.scheduler.get_last_lr()[0],
+        return {"loss": float(loss_sum), "tokens": float(norm), "lr": lr,
                 "grad_norm": float(_full(grad_norm)) if grad_norm is not None else None}
 
     def train(self) -> TrainResult:
@@ -582,7 +571,8 @@ def run_dllm_training(cfg: Config, examples: Sequence[TokenizedExample], out_dir
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as f:
         train_dllm(lm, examples, cfg=dllm_cfg, tokenizer=tok, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
                    micro_batch_size=cfg.train.micro_batch_size, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                   betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps,
+                   betas=tuple(cfg.optim.betas), warmup_steps=cfg.optim.warmup_steps, schedule=cfg.optim.schedule,
+                   min_lr_ratio=cfg.optim.min_lr_ratio,
                    max_grad_norm=cfg.optim.max_grad_norm, shuffle_seed=cfg.train.seed,
                    log=lambda row: (f.write(json.dumps(row) + "\n"), f.flush()))
     sd = {k: v.detach().cpu() for k, v in lm.state_dict().items()}

@@ -53,5 +53,7 @@ def tiny_config(root: Path, run_dir: Path, *overrides: str) -> Config:
         f"data.heldout={paths['heldout']}", "data.max_length=128", "train.steps=4", "train.batch_size=4",
         "train.micro_batch_size=2", "optim.lr=1e-2", "optim.warmup_steps=1", "accuracy.every=2",
         "accuracy.num_prompts=4", "accuracy.max_new_tokens=6", "eval.max_new_tokens=6", "bottleneck.method=argmin",
-        # a random 1-layer model writes no answers within 6 tokens: the plumbing tests take θb anyway
-        "bottleneck.on_bad_curve=warn", "diagnostics.num_examples=4", *overrides])
+        # a random 1-layer model writes no answers within 6 tokens: the flat curve has no Imitation Shock, so
+        # the plumbing tests take θb anyway, after θ0 (min_step=1, a departure from Eq. 1) to get a non-zero Δc
+        "bottleneck.on_bad_curve=warn", "bottleneck.on_no_shock=proceed", "bottleneck.min_step=1",
+        "diagnostics.num_examples=4", *overrides])

@@ -1,6 +1,6 @@
 import pytest
 
-from t3s.bottleneck import OnlineBottleneckDetector, argmin_bottleneck, detect_online, find_bottleneck
+from t3s.bottleneck import OnlineBottleneckDetector, argmin_bottleneck, detect_online, find_bottleneck, shock_check
 
 # Imitation Shock: accuracy crashes, bottoms out, recovers (step -> training accuracy).
 SHOCK = {0: 0.9, 2: 0.7, 4: 0.3, 6: 0.1, 8: 0.2, 10: 0.4, 12: 0.6, 14: 0.05, 16: 0.5}
@@ -10,9 +10,37 @@ def test_argmin_is_the_global_minimum():
     assert argmin_bottleneck(SHOCK).step == 14
 
 
-def test_argmin_ties_pick_the_earliest_and_skip_step0():
-    assert argmin_bottleneck({0: 0.0, 1: 0.2, 2: 0.1, 3: 0.1}).step == 2
-    assert argmin_bottleneck({0: 0.0, 1: 0.2, 2: 0.1, 3: 0.1}, min_step=0).step == 0
+def test_argmin_includes_theta0_as_eq1_says_and_min_step_departs_from_it():
+    assert argmin_bottleneck({0: 0.0, 1: 0.2, 2: 0.1, 3: 0.1}).step == 0
+    assert argmin_bottleneck({0: 0.0, 1: 0.2, 2: 0.1, 3: 0.1}, min_step=1).step == 2  # ties: the earliest
+
+
+def test_a_rising_curve_has_its_bottleneck_at_theta0_and_no_shock():
+    rising = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.8}
+    assert find_bottleneck(rising).step == 0
+    assert find_bottleneck(rising, method="online", patience=2).step == 0
+    check = shock_check(rising, num_trials=64)
+    assert not check["shock"] and not check["clear"]
+    assert "no Imitation Shock" in check["message"] and "θb = θ0" in check["message"]
+    assert "\n" not in check["message"]
+    assert not shock_check({0: 0.5, 1: 0.5, 2: 0.6})["shock"]  # a tie with θ0 is no drop: Eq. 1 takes θ0
+
+
+@pytest.mark.parametrize("curve", [SHOCK, {0: 0.9, 1: 0.6, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.4, 6: 0.4, 7: 0.6}])
+def test_a_real_drop_gives_the_same_bottleneck_as_leaving_theta0_out(curve):
+    assert find_bottleneck(curve).step == find_bottleneck(curve, min_step=1).step > 0
+    check = shock_check(curve, num_trials=64)
+    assert check["shock"] and check["clear"] and check["message"] is None
+
+
+def test_a_drop_within_the_binomial_noise_warns_by_how_much():
+    curve = {0: 0.50, 1: 0.45, 2: 0.55}
+    check = shock_check(curve, num_trials=64)  # se = sqrt((.25 + .2475) / 64) = 0.0882; 0.05 < 2 se
+    assert check["shock"] and not check["clear"]
+    assert check["standard_error"] == pytest.approx(((0.25 + 0.45 * 0.55) / 64) ** 0.5)
+    assert "0.050 below" in check["message"] and "64 completions" in check["message"]
+    assert shock_check(curve, num_trials=10_000)["clear"]  # the same drop over many prompts is real
+    assert shock_check({1: 0.2, 2: 0.1}) is None  # no θ0 value: nothing to compare with
 
 
 def test_online_confirms_after_patience_and_stops_early():
@@ -32,8 +60,8 @@ def test_online_min_delta_ignores_tiny_new_minima():
 
 
 def test_online_detector_is_incremental():
-    det = OnlineBottleneckDetector(patience=2)
-    assert det.update(0, 0.9) is False  # step 0 is θ0 itself (min_step=1)
+    det = OnlineBottleneckDetector(patience=2, min_step=1)
+    assert det.update(0, 0.9) is False  # step 0 is θ0 itself, left out with min_step=1
     assert det.update(1, 0.5) is True  # first candidate
     assert det.update(2, 0.4) is True
     assert det.update(3, 0.5) is False and not det.confirmed
@@ -52,7 +80,7 @@ def test_fixed_step_is_t3s_simple():
 @pytest.mark.parametrize("curve, match", [({}, "empty"), ({1: 1.5}, r"\[0, 1\]"), ({0: 0.5}, "step >= 1")])
 def test_bad_curves(curve, match):
     with pytest.raises(ValueError, match=match):
-        argmin_bottleneck(curve)
+        argmin_bottleneck(curve, min_step=1)
 
 
 def test_unknown_method():

@@ -1,7 +1,7 @@
 import pytest
 
 from t3s.cli import main
-from t3s.config import Config, ConfigError, config_path, load_config, parse_overrides
+from t3s.config import Config, ConfigError, config_path, documented_yaml, load_config, parse_overrides
 
 
 def test_packaged_default_yaml_documents_the_defaults():
@@ -117,3 +117,19 @@ def test_default_yaml_is_the_generated_documentation():
     assert config_path("default").read_text(encoding="utf-8") == documented_yaml(), (
         "regenerate: python -c \"from t3s.config import documented_yaml; "
         "open('t3s/configs/default.yaml','w').write(documented_yaml())\"")
+
+
+def test_paper_silent_choices_are_read_from_the_config():
+    from t3s.choices import paper_silent_choices
+
+    cfg = load_config(None, ["optim.betas=[0.9, 0.999]", "select.ranking=per_sequence", "train.mode=dllm",
+                             "dllm.block_size=8"])
+    rows = {r["choice"]: r for r in paper_silent_choices(cfg)}
+    assert rows["Adam betas / eps"]["value"].startswith("(0.9, 0.999)")
+    assert rows["baseline ranking"]["value"] == "per_sequence" and rows["dLLM block size"]["value"] == "8"
+    assert all(r["why"] for r in rows.values())
+    for key in ("weight decay", "gradient clipping", "training-accuracy protocol", "loss normaliser",
+                "dLLM noise window", "one-step intervention (Fig. 5)", "Table 6 easy/hard split",
+                "end tokens in the diagnostics", "θb ties, θ0, noise"):
+        assert key in rows
+    assert "Choices the paper leaves open" in documented_yaml()

@@ -65,6 +65,13 @@ def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     assert (sel["t3s"]["num_selected"] + sel["neg_t3s"]["num_selected"]
             == sel["t3s"]["num_tokens"] - sel["t3s"]["end_tokens"])
     assert sel["static_low_conf"]["num_selected"] == sel["t3s"]["num_selected"]
+    # every fraction-matched baseline masks exactly as many tokens as T3S, after the end-token exemption
+    from t3s.select import select_tokens
+
+    for rule in ("static_high_conf", "static_low_conf", "random"):
+        for ranking in ("global", "per_sequence"):
+            other = select_tokens(run / "delta", rule=rule, always_train_eos=True, ranking=ranking)
+            assert other.stats["num_selected"] == sel["t3s"]["num_selected"] and other.stats["end_selected"] == 0
     sft_rows = [json.loads(x) for x in (run / "variants" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("grad_cosine" in r and "dprob_anchor" in r for r in sft_rows)
     assert all("paper" not in r or r["paper"] is None for r in res["rows"])  # no paper numbers: setting differs
@@ -82,7 +89,8 @@ def test_end_to_end_writes_every_stage_and_the_report(clean_run):
     rrt_marker = json.loads((run / ".stages" / "rrt.json").read_text())
     assert rrt_marker["info"]["theta_f"] == str(run / "trajectory" / "final")
     text = report.read_text()
-    assert "argmin of training accuracy over the whole trajectory (paper Eq. 1)" in text
+    assert "argmin of training accuracy over steps >= 1 (bottleneck.min_step: a departure from" in text
+    assert "no Imitation Shock" in text and "only because bottleneck.min_step=1 leaves θ0 out" in text
     assert "confirmed at" not in text and "max_new_tokens 6" in text
     assert f"θf = `{run / 'trajectory' / 'final'}`" in text
     assert "θb is unreliable" in text  # tiny_config takes θb from a flat / truncated curve with on_bad_curve=warn
@@ -302,3 +310,54 @@ def test_provenance_records_threads_determinism_and_versions(clean_run):
     assert prov["in_effect"]["deterministic_algorithms"] is True
     assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["transformers"]
     assert prov["blas"]["blas_info"] and prov["machine"]["cores"] >= 1
+
+
+def _curve_run(root, tmp_path, curve: dict, *overrides: str):
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps({str(k): v for k, v in curve.items()}))
+    # the default rule (Eq. 1: θ0 included), not tiny_config's plumbing departure
+    return tiny_config(root, tmp_path / "run", f"accuracy.curve={path}", "bottleneck.min_step=0",
+                       "variants=[sft,t3s,rrt]", "diagnostics.grad_stats=false", "diagnostics.delta_prob=false",
+                       *overrides)
+
+
+def test_a_rising_curve_stops_before_profiling_with_the_no_shock_message(root, tmp_path):
+    from t3s.bottleneck import NoShockError
+
+    cfg = _curve_run(root, tmp_path, {0: 0.5, 2: 0.75, 4: 1.0}, "bottleneck.on_no_shock=error")
+    with pytest.raises(NoShockError, match=r"no Imitation Shock.*θb = θ0.*on_no_shock=proceed") as err:
+        run_pipeline(cfg, progress=False, log=lambda s: None)
+    assert "\n" not in str(err.value)
+    run = tmp_path / "run"
+    assert not (run / "profile").exists() and not (run / "bottleneck.json").exists()
+
+
+def test_no_shock_with_the_override_runs_and_the_report_says_t3s_is_sft(root, tmp_path):
+    cfg = _curve_run(root, tmp_path, {0: 0.5, 2: 0.75, 4: 1.0}, "bottleneck.on_no_shock=proceed")
+    report = run_pipeline(cfg, progress=False, log=lambda s: None)
+    run = tmp_path / "run"
+    bn = json.loads((run / "bottleneck.json").read_text())
+    assert bn["step"] == 0 and bn["shock"]["shock"] is False
+    t3s = json.loads((run / "selections" / "t3s" / "selection.json").read_text())["stats"]
+    assert t3s["num_selected"] == 0  # Δc ≡ 0: nothing is an anchor
+    text = report.read_text()
+    assert "T3S equals SFT" in text
+    # the paper-silent choices with the values this run used (tiny_config: warm-up 1, lr 1e-2)
+    assert "## Choices the paper leaves open" in text and "| cosine, warm-up 1, to 0 x lr |" in text
+    assert "| baseline ranking | `select.ranking` | global |" in text and "lr 0.01 |" in text
+    assert "dLLM block size" not in text  # an AR run
+
+
+def test_a_real_drop_takes_the_minimum_and_warns_when_it_is_within_the_noise(root, tmp_path, monkeypatch):
+    def stop(self, which):
+        raise Crash("stopped after the bottleneck")
+
+    monkeypatch.setattr(Pipeline, "stage_profile", stop)
+    logs = []
+    # 4 prompts: a drop of 0.25 is within 2 binomial standard errors (2 x 0.33)
+    cfg = _curve_run(root, tmp_path, {0: 0.5, 2: 0.25, 4: 0.75})
+    with pytest.raises(Crash):
+        run_pipeline(cfg, progress=False, log=logs.append)
+    bn = json.loads((tmp_path / "run" / "bottleneck.json").read_text())
+    assert bn["step"] == 2 and bn["shock"]["shock"] and not bn["shock"]["clear"]
+    assert any("within the measurement noise" in line and "0.250 below" in line for line in logs)

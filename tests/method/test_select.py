@@ -84,6 +84,31 @@ def test_matched_baselines_mask_the_t3s_fraction(rule):
     assert select_tokens(store, rule=rule, fraction=1 / 9).stats["num_selected"] == 1
 
 
+@pytest.mark.parametrize("ranking", ["global", "per_sequence"])
+def test_baselines_mask_as_many_tokens_as_t3s_after_the_end_token_exemption(ranking):
+    # the end tokens are anchors (Δc > 0) and the most confident tokens: exempting them after choosing would
+    # leave T3S with 3 masked tokens and static_high_conf with fewer
+    deltas = [[0.5, -0.1, 0.3, 0.0, 0.2], [0.4, 0.1, -0.05, -1.0]]
+    bases = [[-0.01, -2.0, -0.5, -3.0, -0.2], [-0.02, -0.05, -4.0, -0.3]]
+    store = make_delta(deltas, bases, eos_at={(0, 0), (1, 0)})
+    t3s = select_tokens(store, always_train_eos=True)
+    assert t3s.stats["num_selected"] == 3 and t3s.stats["end_selected"] == 0
+    for rule in ("static_high_conf", "static_low_conf", "random"):
+        for seed in range(5):
+            sel = select_tokens(store, rule=rule, seed=seed, always_train_eos=True, ranking=ranking)
+            assert sel.stats["num_selected"] == 3 and sel.stats["end_selected"] == 0, (rule, seed)
+            assert sel.params["matched_count"] == 3 and sel.params["ranking"] == ranking
+            if ranking == "per_sequence":  # each sequence masks as many as T3S masks in it
+                assert [int((w == 0).sum()) for w in sel.weights] == [int((w == 0).sum()) for w in t3s.weights]
+    high = select_tokens(store, rule="static_high_conf", always_train_eos=True, ranking=ranking)
+    expected = [[1, 1, 1, 1, 0], [1, 0, 1, 0]] if ranking == "global" else [[1, 1, 0, 1, 0], [1, 0, 1, 1]]
+    assert [w.tolist() for w in high.weights] == expected  # the most confident non-end tokens
+    explicit = select_tokens(store, rule="random", fraction=0.5, always_train_eos=True, ranking=ranking)
+    assert explicit.stats["num_selected"] == 5 and explicit.stats["end_selected"] == 0  # 0.5 x 9 rounds half up
+    with pytest.raises(ValueError, match="ranking"):
+        select_tokens(store, rule="random", ranking="per_batch")
+
+
 def test_threshold_quantile_and_always_train_eos():
     store = make_delta(DELTAS, eos_at={(0, 0)})
     assert select_tokens(store, threshold=0.15).stats["num_selected"] == 3  # 0.5, 0.2, 1.0

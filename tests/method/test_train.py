@@ -11,7 +11,8 @@ from _tiny import tiny_config, tiny_examples
 from t3s.data import IGNORE_INDEX
 from t3s.generate import generate_greedy
 from t3s.rrt import rrt_checkpoint, rrt_state_dict
-from t3s.train import SFTRecipe, accuracy_hook, batch_schedule, load_model, lr_lambda, run_training
+from t3s.schedule import lr_lambda
+from t3s.train import SFTRecipe, accuracy_hook, batch_schedule, load_model, run_training
 
 
 @pytest.fixture(scope="module")
