@@ -36,8 +36,9 @@ DESCRIPTION = (
     "{arch} ({params:,} parameters, {layers} layers, width {hidden}, word-level vocabulary of {vocab}) pretrained on "
     "{pretrained_on} problems in teacher A's terse style ('25+17=42,42-19=23.####23'): {acc:.1%} held-out greedy "
     "accuracy on the old family, {acc_new:.1%} on the new family ({new_family}){saw_new}. It is then continually "
-    "distilled on {n_train} traces of teacher B ({new_pct:.0%} of them on the new family) written in B's style, e.g. '{example}'. Held-out problems (by a hash "
-    "of the operands) were never seen in pretraining or distillation."
+    "distilled on {n_train} traces of teacher B ({new_pct:.0%} of them on the new family) written in B's style, "
+    "e.g. '{example}'. Held-out problems (by a hash of the operands) were never seen in pretraining or "
+    "distillation."
 )
 
 

@@ -159,19 +159,25 @@ def format_seed_tables(results: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-CURVE_STEPS = (0, 8, 16, 24, 48, 96, 144, 200)
-"""Steps at which the regime line prints the SFT and T3S training-accuracy curves (those that were measured)."""
+CURVE_POINTS = 9
+"""At most this many steps (the first and the last included) of the SFT and T3S training-accuracy curves are
+printed."""
 
 
-def _curve_points(curve: list) -> dict[int, float]:
-    return {int(step): acc for step, acc in curve}
+def format_curves(reg: dict) -> str:
+    """``step: SFT / T3S`` training accuracy at the steps both runs measured (at most :data:`CURVE_POINTS`)."""
+    sft = {int(step): acc for step, acc in reg["curves"]["sft"]}
+    t3s = {int(step): acc for step, acc in reg["curves"]["t3s"]}
+    steps = sorted(set(sft) & set(t3s))
+    if len(steps) > CURVE_POINTS:
+        stride = math.ceil((len(steps) - 1) / (CURVE_POINTS - 1))
+        steps = sorted({*steps[::stride], steps[-1]})
+    return ", ".join(f"{s}: {sft[s]:.2f} / {t3s[s]:.2f}" for s in steps)
 
 
 def format_regime(reg: dict) -> str:
     """One line: the precondition numbers of the regime (see :mod:`t3s.demo.regime`) and both accuracy curves."""
-    sft, t3s = _curve_points(reg["curves"]["sft"]), _curve_points(reg["curves"]["t3s"])
-    steps = [s for s in CURVE_STEPS if s in sft and s in t3s]
-    curve = ", ".join(f"{s}: {sft[s]:.2f} / {t3s[s]:.2f}" for s in steps)
+    curve = format_curves(reg)
     return (f"regime: new-family equation tokens with Δc ≤ 0 {100 * reg['content_nonpos']:.0f} % (the new skill's own "
             f"tokens {100 * reg['skill_nonpos']:.0f} %); B's marker masked {100 * reg['marker_masked']:.0f} %; "
             f"T3S masks {100 * reg['masked_fraction']:.1f} %, Jaccard with the same-size lowest-c(θ0) mask "
@@ -197,6 +203,9 @@ def _regime_rows(results: dict[int, dict]) -> list[str]:
             accs = [a for _, a in reg["curves"][name]]
             cells.append(f"{accs[0]:.2f} → {min(accs):.2f} → {accs[-1]:.2f}" if accs else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Training accuracy, SFT / T3S, at step:", ""]
+    lines += [f"- seed {seed}: {format_curves(results[seed]['regime'])}" for seed in sorted(results)
+              if results[seed].get("regime")]
     return lines
 
 

@@ -53,3 +53,13 @@ def test_claim_and_regime_line():
            "curves": {"sft": [[0, 0.5], [8, 0.0]], "t3s": [[0, 0.5], [8, 0.6]]}}
     line = format_regime(reg)
     assert "Δc ≤ 0 80 %" in line and "0: 0.50 / 0.50, 8: 0.00 / 0.60" in line and "0.500 nats vs 0.900" in line
+
+
+def test_curves_keep_first_and_last_and_at_most_nine_points():
+    from t3s.demo.results import format_curves
+
+    long = {"curves": {"sft": [[8 * i, 0.1] for i in range(26)], "t3s": [[8 * i, 0.2] for i in range(26)]}}
+    points = format_curves(long).split(", ")
+    assert points[0] == "0: 0.10 / 0.20" and points[-1] == "200: 0.10 / 0.20" and len(points) <= 9
+    short = {"curves": {"sft": [[0, 0.5], [8, 0.0], [16, 0.4]], "t3s": [[0, 0.5], [8, 0.6]]}}
+    assert format_curves(short) == "0: 0.50 / 0.50, 8: 0.00 / 0.60"  # only steps both runs measured
