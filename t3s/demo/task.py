@@ -1,10 +1,12 @@
 """The demo's synthetic reasoning task: integer arithmetic chains with verifiable answers, in two families.
 
 A problem is ``x0 op1 x1 op2 x2 ...`` with operands in ``[lo, hi]`` and ``op`` in ``{+, -}``, evaluated left to
-right, with no negative intermediate result. The **old family** has three operands (two steps): the student θ0
-is pretrained on it. The **new family** has ``new_operands`` operands (default four, three steps); θ0 never sees
-it, so it lacks the skill of chaining one more step, while every single step stays inside what pretraining
-covered. Two "teachers" write the computation in different styles:
+right, with no negative intermediate result. The **old family** is what the student θ0 is pretrained on; the
+**new family** is what only teacher B shows (``TaskSpec.new_skill``): ``chain``, ``new_operands`` operands (one
+more step than the old family's three, every single step inside what pretraining covered), or ``large``, three
+operands with an answer above ``2·hi`` (the old family's answers stay at or below it), a slow-to-learn skill made
+of new addition facts. ``pretrain_stream(new_prob=...)`` lets θ0 see a share of the new family, so it solves part
+of it. Two "teachers" write the computation in different styles:
 
 * **teacher A** (the student's own, terse style, used for pretraining)::
 
@@ -22,7 +24,7 @@ Held-out problems are chosen by a hash of the operands and operators, so they ar
 nor in the teacher-B training set. Everything is a pure function of the seed.
 
 Records use the canonical form ``{id, prompt, response, answer}``; the family is in the id
-(``train-new-55+39-61+12``) and follows from the prompt (:func:`family_of`).
+(``train-new-55+39-61+12``) and follows from the prompt and the task spec (:func:`family_of`).
 """
 
 from __future__ import annotations
