@@ -8,7 +8,7 @@
 3. the base student θ0: a tiny ``LlamaForCausalLM`` built from a config and pretrained on teacher A's terse
    style until it solves the task (``save_pretrained``, written atomically; skipped when already there).
 
-The pipeline then continually distills θ0 on teacher B's verbose style (``t3s/configs/demo.yaml``).
+The pipeline then continually distills θ0 on teacher B's traces (``t3s/configs/demo.yaml``).
 """
 
 from __future__ import annotations
