@@ -103,7 +103,8 @@ def fsync_tree(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _naming_write_failures(path: Path) -> Iterator[None]:
+def naming_write_failures(path: Path) -> Iterator[None]:
+    """An ``OSError`` of the filesystem (:data:`WRITE_ERRNOS`) in the body as a :class:`WriteFailed` naming ``path``."""
     try:
         yield
     except OSError as e:
@@ -133,7 +134,7 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     :class:`WriteFailed` that names ``path`` and the cause.
     """
     path = Path(path)
-    with _naming_write_failures(path):
+    with naming_write_failures(path):
         tmp = _temporary_next_to(path, is_dir=is_dir)
     try:
         yield tmp

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from t3s.io import RunFault, read_json, write_json_atomic
+from t3s.io import RunFault, naming_write_failures, read_json, write_json_atomic
 
 LOCK_FILE = ".t3s.lock"
 HOLDER_FILE = ".t3s.lock.json"
@@ -72,11 +72,13 @@ _HELD: dict[str, int] = {}
 def _exclusive(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with naming_write_failures(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     holder_path = run_dir / HOLDER_FILE
     lock = FileLock(run_dir / LOCK_FILE, timeout=0)
     try:
-        lock.acquire()
+        with naming_write_failures(run_dir / LOCK_FILE):  # e.g. a read-only run directory, before any stage
+            lock.acquire()
     except Timeout:
         raise RunDirBusy(f"run directory {run_dir} is in use by {describe_holder(_read_holder(holder_path))}; "
                          "wait for it to finish (or stop it) and run again") from None

@@ -114,7 +114,8 @@ def test_a_killed_runs_lock_is_recognised_as_stale_and_taken_over(tmp_path):
     run = tmp_path / "run"
     code = ("import os, signal, sys; from t3s.runlock import run_dir_lock\n"
             f"with run_dir_lock({str(run)!r}):\n    os.kill(os.getpid(), signal.SIGKILL)")
-    killed = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    killed = subprocess.run([sys.executable, "-c", code],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     assert killed.returncode == -9
     dead = json.loads((run / HOLDER_FILE).read_text())
     logs = []
@@ -213,15 +214,26 @@ def test_a_full_disk_then_a_read_only_folder_end_the_stage_and_the_reruns_repair
     proc = child("--", "run", str(cfg), "--no-progress")
     _check_failed_then_repaired(run, cfg, proc, clean, cause="No space left on device (ENOSPC)",
                                 fix=lambda: _remount(tmpfs, "size=4m"))
+    # a read-only run directory: refused before any stage, naming the lock it cannot take
     _remount(tmpfs, "ro")
-    proc = child("--", "run", str(cfg), "--no-progress", "--redo", "report")
+    proc = child("--", "run", str(cfg), "--no-progress")
     _remount(tmpfs, "rw")
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert "stage report: cannot write" in lines[0] and "Read-only file system (EROFS)" in lines[0], lines[0]
+    assert f"cannot write {run}/.t3s.lock: Read-only file system (EROFS)" in lines[0], lines[0]
+    # a read-only folder inside it (a read-only bind mount over report/): the report stage stops, naming a file
+    report = run / "report"
+    subprocess.run(["mount", "--bind", str(report), str(report)], check=True)
+    try:
+        _remount(report, "bind,ro")
+        proc = child("--", "run", str(cfg), "--no-progress", "--redo", "report")
+    finally:
+        subprocess.run(["umount", str(report)], check=True)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"stage report: cannot write {report}/" in lines[0] and "(EROFS)" in lines[0], lines[0]
     rerun = child("--", "run", str(cfg), "--no-progress")
     assert rerun.returncode == 0 and fingerprint(run) == clean[1], rerun.stderr[-3000:]
-
 
 
 # ---- a process killed in the middle of a write -------------------------------------------------------------------
