@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from t3s import distributed as D
-from t3s.io import (TIMINGS_FILE, WRITE_ERRNOS, WriteFailed, file_sha256, list_files, read_json, stage_info,
-                   write_json_atomic)
+from t3s.io import (TIMINGS_FILE, WRITE_ERRNOS, WriteFailed, file_sha256, list_files, naming_write_failures,
+                   read_json, stage_info, write_json_atomic)
 
 MARKER_VERSION = 2
 
@@ -244,10 +244,11 @@ class StageBook:
         (self.run_dir / ".stages" / f"{stage.name}.json").unlink(missing_ok=True)
         for rel in stage.outputs:
             path = self.run_dir / rel
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            with naming_write_failures(path):  # rmtree's own errors name a file relative to a folder it is in
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
 
     def finish(self, stage: Stage, info: Mapping | None = None) -> dict:
         """Write the marker: dependencies, and size + sha256 of every output file. Call after the outputs exist."""

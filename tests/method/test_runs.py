@@ -231,7 +231,7 @@ def test_a_full_disk_then_a_read_only_folder_end_the_stage_and_the_reruns_repair
         subprocess.run(["umount", str(report)], check=True)
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert f"stage report: cannot write {report}/" in lines[0] and "(EROFS)" in lines[0], lines[0]
+    assert f"stage report: cannot write {report}: Read-only file system (EROFS)" in lines[0], lines[0]
     rerun = child("--", "run", str(cfg), "--no-progress")
     assert rerun.returncode == 0 and fingerprint(run) == clean[1], rerun.stderr[-3000:]
 
