@@ -11,7 +11,9 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -67,20 +69,24 @@ class RankLost(RunFault):
     """Another rank died or stopped answering; this rank stops too (a re-run resumes)."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a killed process not yet reaped by its parent, a zombie, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state after the command name in /proc/PID/stat
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def dead_ranks() -> list[int]:
     """Ranks on this host whose process no longer exists (ranks on other hosts cannot be checked from here)."""
     here = socket.gethostname()
-    return [r for r, (host, pid) in enumerate(_PEERS) if r != rank() and host == here and not _alive(pid)]
+    return [r for r, (host, pid) in enumerate(_PEERS) if r != rank() and host == here and not process_alive(pid)]
 
 
 def _is_communication_error(exc: BaseException) -> bool:
@@ -98,6 +104,11 @@ def naming_lost_ranks(timeout_s: float | None = None) -> Iterator[None]:
         if not is_distributed() or isinstance(e, RankLost) or not _is_communication_error(e):
             raise
         gone = dead_ranks()
+        for _ in range(10):  # a peer's connection can drop just before its process is gone: look again briefly
+            if gone:
+                break
+            time.sleep(0.5)
+            gone = dead_ranks()
         if gone:
             named = ", ".join(f"rank {r} (process {_PEERS[r][1]} on {_PEERS[r][0]})" for r in gone)
             what = f"lost {named}: it died or was killed"

@@ -46,20 +46,12 @@ def _read_holder(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def stale_reason(record: dict) -> str:
     """Why a recorded holder that no longer holds the lock is gone (the OS released its lock)."""
+    from t3s.distributed import process_alive
+
     same_host = record.get("host") == socket.gethostname()
-    if same_host and isinstance(record.get("pid"), int) and not _process_alive(record["pid"]):
+    if same_host and isinstance(record.get("pid"), int) and not process_alive(record["pid"]):
         return "that process no longer exists"
     return "that process ended without releasing it"
 
