@@ -96,7 +96,8 @@ def test_a_second_run_or_demo_on_a_busy_run_dir_is_refused_naming_the_holder(roo
         assert main(["run", str(cfg), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"is in use by process {holder.pid} on " in err[0], err
-        assert main(["demo", f"run_dir={run}", "--no-progress"]) == 2
+        # in-process, torch is already loaded: portable off, so the refusal is the only line
+        assert main(["demo", f"run_dir={run}", "runtime.portable=false", "--no-progress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"process {holder.pid}" in err[0], err
         assert not (run / ".stages").exists()  # nothing written by the refused runs
