@@ -57,10 +57,11 @@ def case(provider: str, N: int, D: int, V: int, pass_: str, seed: int = 0) -> Ca
 
 
 def _points(args) -> list[tuple[int, int]]:
-    """(N, V) points, smallest work first within each V, so a stopped run keeps whole curves of the small sizes."""
+    """(N, V) points, smallest N·V first: a stopped run keeps every curve up to some size (the baselines' whole
+    range comes before t3s's points beyond it)."""
     pts = [(n, v) for v in args.vs for n in args.ns]
     pts += [(args.v_sweep_n, v) for v in args.v_sweep if (args.v_sweep_n, v) not in pts]
-    return sorted(pts, key=lambda p: (p[1] != min(args.vs), p[0] * p[1]))
+    return sorted(pts, key=lambda p: (p[0] * p[1], p[1]))
 
 
 def _over_cap(history: dict, key: tuple, N: int, cap_mb: float) -> str | None:
