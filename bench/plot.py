@@ -94,12 +94,19 @@ def _gpu_machine(device: str) -> str:
     return "h200" if "H200" in d else "h100" if "H100" in d else "gpu"
 
 
-def _newest(rows: list[dict], key: str) -> list[dict]:
-    """The rows of the newest ``key`` value (run id or date) per device: one run per machine in a figure."""
-    newest: dict[str, str] = {}
+def _newest(rows: list[dict], key: str, identity: tuple[str, ...]) -> list[dict]:
+    """Per device, the rows sharing ``key`` (run id or commit) with its latest-dated row, one per ``identity``
+    (the latest): one run or commit per machine in a figure, no point drawn twice."""
+    latest: dict[str, dict] = {}
     for r in rows:
-        newest[r.get("device", "")] = max(newest.get(r.get("device", ""), ""), r.get(key, ""))
-    return [r for r in rows if r.get(key, "") == newest[r.get("device", "")]]
+        device = r.get("device", "")
+        if device not in latest or r.get("date", "") > latest[device].get("date", ""):
+            latest[device] = r
+    kept: dict[tuple, dict] = {}
+    for r in sorted(rows, key=lambda r: r.get("date", "")):
+        if r.get(key, "") == latest[r.get("device", "")].get(key, ""):
+            kept[(r.get("device", ""), *(r.get(k, "") for k in identity))] = r
+    return list(kept.values())
 
 
 def cpu_points(results_dir: Path) -> list[Point]:
@@ -108,7 +115,7 @@ def cpu_points(results_dir: Path) -> list[Point]:
     return [
         Point("cpu", r["device"], "measured", r["provider"], r["pass"], int(r["N"]), int(r["D"]), int(r["V"]),
               r["dtype"], _num(r.get("peak_mb_max")), _num(r.get("time_x_torch")), CPU_REFERENCE, _stamp(r))
-        for r in _newest(rows, "run_id") if r.get("status") == "ok"
+        for r in _newest(rows, "run_id", ("provider", "pass", "N", "D", "V")) if r.get("status") == "ok"
     ]
 
 
@@ -118,7 +125,7 @@ def gpu_points(results_dir: Path, variant: str) -> list[Point]:
             if r.get("mode") != "cpu-memory" and not r.get("device", "cpu").startswith("cpu")
             and r.get("status") == "ok" and r.get("variant") == variant]
     points = []
-    for r in _newest(rows, "commit"):
+    for r in _newest(rows, "commit", ("provider", "N", "D", "V", "dtype")):
         for pass_, col in (("fwd", "fwd_x"), ("fwd+bwd", "full_x")):
             peak = _num(r.get("peak_mb")) if pass_ == "fwd+bwd" else math.nan
             points.append(Point(_gpu_machine(r["device"]), r["device"], "measured", r["provider"], pass_,
@@ -130,7 +137,8 @@ def gpu_points(results_dir: Path, variant: str) -> list[Point]:
 def predicted_points(results_dir: Path, gpus: list[str]) -> list[Point]:
     """Predicted GPU points of ``cost_model.csv`` (newest commit): ``<gpu>_x`` and the traced workspace."""
     rows = [r for r in _read(results_dir / "cost_model.csv") if r.get("kind") == "predicted"]
-    rows = _newest([dict(r, device="predicted") for r in rows], "date")
+    # one set of predictions whatever machine traced them (their device column names it)
+    rows = _newest([dict(r, device="predicted") for r in rows], "commit", ("path", "N", "D", "V", "dtype"))
     points = []
     for r in rows:
         for gpu in gpus:
@@ -189,7 +197,7 @@ def skipped_notes(results_dir: Path) -> list[str]:
     """What the newest CPU sweep did not measure, per provider: the reason and from which N (per V) on."""
     rows = [r for r in _read(results_dir / "cpu_sweep.csv") if r.get("kind") == "summary"]
     first_n: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
-    for r in _newest(rows, "run_id"):
+    for r in _newest(rows, "run_id", ("provider", "pass", "N", "D", "V")):
         status = r.get("status", "ok")
         if status == "ok":
             continue

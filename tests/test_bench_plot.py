@@ -55,7 +55,10 @@ def _gpu_rows() -> list[dict]:
 
 
 def _predicted_rows() -> list[dict]:
-    return [dict(bench="cost_model", kind="predicted", path=path, N=N, D=4096, V=V, dtype="bf16", workspace_mib=800.0,
+    older = dict(PRED_STAMP, device="predicted (traced on cpu: Other)", commit="d" * 40, date="2026-12-01T00:00:00Z")
+    stale = [dict(bench="cost_model", kind="predicted", path="trainer", N=4096, D=4096, V=151936, dtype="bf16",
+                  workspace_mib=1.0, h100_x=9.0, h200_x=9.0, **older)]
+    return stale + [dict(bench="cost_model", kind="predicted", path=path, N=N, D=4096, V=V, dtype="bf16", workspace_mib=800.0,
                  h100_x=1.4, h200_x=1.1, **PRED_STAMP)
             for path in ("trainer", "forward") for N in (4096, 16384) for V in (128256, 151936)]
 
@@ -92,7 +95,9 @@ def test_every_figure_is_drawn_and_titled(results: Path, tmp_path: Path):
 def test_predictions_beside_measurements_are_joined_and_distinguished(results: Path):
     measured = plot.gpu_points(results, "w1")
     assert {p.provider for p in measured} == {"t3s", "torch"}, "the GEMM floor is the reference, not a line"
-    predicted = [plot._relabel(p, True, "w1") for p in plot.predicted_points(results, ["h200"])]
+    raw = plot.predicted_points(results, ["h200"])
+    assert len(raw) == 8 and {p.stamp[3][0] for p in raw} == {"c"}, "only the newest commit's predictions, once"
+    predicted = [plot._relabel(p, True, "w1") for p in raw]
     assert {p.provider for p in predicted} == {"t3s (predicted)", "t3s forward: log-prob + entropy, no grad "
                                                                   "(predicted)"}
     style_measured = plot._style("t3s", "measured", {})
