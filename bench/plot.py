@@ -301,14 +301,23 @@ def draw(question: str, points: list[Point], path: Path, caption: str = "") -> s
 
 
 CAPTIONS = {
-    "cpu": ("Each point: the largest extra resident peak (VmHWM over the process's RSS after its inputs were "
-            "allocated) and the median wall time of ≥ 2 fresh processes per provider, 1 thread, fp32, default glibc "
-            "allocator; time ratios to plain PyTorch measured in the same run (absolute times vary with the shared "
-            "machine's load)."),
-    "gpu": ("Measured: bench/linear_ce.py, CUDA peak above the inputs of one fwd+bwd; time ratio = p50 / the "
-            "cuBLAS GEMMs of the same shape timed in the same run. Predicted: bench/cost_model.py, traced workspace "
-            "and the predicted ratio to the same GEMMs at assumed rates (see bench/results/README.md)."),
+    "cpu": ("Measured: bench/cpu_sweep.py. Each point: the largest extra resident peak (VmHWM over the process's "
+            "RSS after its inputs were allocated) and the median wall time of ≥ 2 fresh processes per provider, "
+            "1 thread, fp32, default glibc allocator; time ratios to plain PyTorch measured in the same run "
+            "(absolute times vary with the shared machine's load)."),
+    "measured": ("Measured: bench/linear_ce.py, CUDA peak above the inputs of one fwd+bwd; time ratio = p50 / the "
+                 "cuBLAS GEMMs of the same shape timed in the same run."),
+    "predicted": ("Predicted, not measured: bench/cost_model.py, traced workspace beyond inputs and gradients, and "
+                  "the predicted time over the same GEMMs at assumed rates (see bench/results/README.md); 'fwd' is "
+                  "the no-grad scoring forward (floor 2NDV), fwd+bwd paths have floor 6NDV, w50 (half the tokens at "
+                  "zero weight) against the dense floor."),
 }
+
+
+def _caption(machine: str, points: list[Point], results_dir: Path) -> str:
+    if machine == "cpu":
+        return "\n".join([CAPTIONS["cpu"], *skipped_notes(results_dir)])
+    return " ".join(CAPTIONS[s] for s in ("measured", "predicted") if any(p.source == s for p in points))
 
 
 def _relabel(point: Point, beside_measured: bool, variant: str) -> Point:
@@ -333,9 +342,7 @@ def plot_all(results_dir: str | Path, out: str | Path | None = None, variant: st
     written: dict[Path, str] = {}
     for machine, points in sorted(by_machine.items()):
         suffix = "" if machine in measured_machines else "_predicted"
-        caption = CAPTIONS["cpu" if machine == "cpu" else "gpu"]
-        if machine == "cpu":
-            caption += "\n" + "\n".join(skipped_notes(results_dir))
+        caption = _caption(machine, points, results_dir)
         for question in QUESTIONS:
             path = out / f"{machine}{suffix}_{question}.png"
             title = draw(question, points, path, caption)
