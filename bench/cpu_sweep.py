@@ -4,12 +4,13 @@ The issue-10 measurement of :mod:`bench.cpu_lce` (same providers, same row schem
 measurement with the default glibc allocator, one thread per process) over a grid instead of one shape, for the
 plots of ``python -m bench plot``:
 
-* against N: ``--ns`` (512 … 65536) at each of ``--vs`` (32000 and 151936);
-* against V: ``--v-sweep`` (8192 … 256000) at the fixed ``--v-sweep-n`` (2048);
+* against N: ``--ns`` (512 … 32768) at each of ``--vs`` (32000 and 151936);
+* against V: ``--v-sweep`` (65536, 256000, with 32000 and 151936) at the fixed ``--v-sweep-n`` (2048);
 * ``--passes``: ``fwd`` (a training forward: inputs require grad, so what backward needs is kept) and ``fwd+bwd``.
 
 Every point runs ``--reps`` fresh processes per provider, the providers interleaved so a shared machine's drift
-hits them alike; rows (``kind=run``, then one ``kind=summary`` per provider and point with ``time_x_torch``) go to
+hits them alike; rows (``kind=run``, then one ``kind=summary`` per provider and point with the wall-time ratio
+``time_x_torch`` and the process-CPU-time ratio ``cpu_x_torch``, which a loaded machine does not distort) go to
 ``bench/results/cpu_sweep.csv`` as they are measured. ``--max-rss-mb`` is a cap of the machine the sweep runs on,
 not of any method: before each N a provider's peak is extrapolated linearly in N from the previous point, and a
 point predicted above the cap is written as ``skipped: …`` instead of run. Providers that cannot run here
@@ -23,7 +24,9 @@ Examples::
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -33,11 +36,12 @@ from bench.cpu_lce import PROVIDERS, _availability, _inputs, loss_fn, summarise
 
 BENCH = "cpu_sweep"
 PASSES = ("fwd", "fwd+bwd")
-FULL = dict(ns=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536], vs=[32000, 151936], d=128, reps=2,
-            v_sweep=[8192, 65536, 256000], v_sweep_n=2048, max_n_t3s={151936: 32768})
+FULL = dict(ns=[512, 1024, 2048, 4096, 8192, 16384, 32768], vs=[32000, 151936], d=128, reps=2,
+            v_sweep=[65536, 256000], v_sweep_n=2048, max_n_t3s={151936: 16384})
 SMOKE = dict(ns=[256, 512], vs=[4096], d=16, reps=1, v_sweep=[2048], v_sweep_n=256, max_n_t3s={})
-RUN_COLS = ("rep", "pass", "provider", "N", "V", "peak_mb", "logits_mb", "wall_ms", "loadavg", "status")
-SUMMARY_COLS = ("pass", "provider", "N", "V", "ok", "peak_mb_max", "wall_ms_median", "time_x_torch", "status")
+RUN_COLS = ("rep", "pass", "provider", "N", "V", "peak_mb", "logits_mb", "wall_ms", "cpu_ms", "loadavg", "status")
+SUMMARY_COLS = ("pass", "provider", "N", "V", "ok", "peak_mb_max", "wall_ms_median", "time_x_torch", "cpu_x_torch",
+                "status")
 
 
 def case(provider: str, N: int, D: int, V: int, pass_: str, seed: int = 0) -> Callable[[], None]:
@@ -76,6 +80,18 @@ def _over_cap(history: dict, key: tuple, N: int, cap_mb: float) -> str | None:
             f"this shared machine's {cap_mb:.0f} MiB per-process cap")
 
 
+def _with_cpu_time(summary: list[dict], runs: list[dict]) -> list[dict]:
+    """Add ``cpu_ms_median`` and ``cpu_x_torch`` / ``cpu_x_torch_lce`` (ratios of median process CPU times)."""
+    med = {s["provider"]: statistics.median([r["cpu_ms"] for r in runs if r["provider"] == s["provider"]
+                                             and r["status"] == "ok"] or [math.nan]) for s in summary}
+    for s in summary:
+        s["cpu_ms_median"] = med[s["provider"]]
+        for ref in ("torch", "torch_lce"):
+            if math.isfinite(med.get(ref, math.nan)):
+                s[f"cpu_x_{ref}"] = med[s["provider"]] / med[ref]
+    return summary
+
+
 def run(args, save: bool = True) -> list[dict]:
     meta = stamp("cpu")
     threads = int(os.environ.get("BENCH_CPU_THREADS", "1"))
@@ -109,14 +125,14 @@ def run(args, save: bool = True) -> list[dict]:
                     res = cpu_peak_mb(f"bench.{BENCH}:case", timeout=args.timeout, default_allocator=True,
                                       provider=p, N=N, D=args.d, V=V, pass_=pass_)
                     runs.append(dict(row, status=res["status"], peak_mb=res["peak_mb"], wall_ms=res["wall_ms"],
-                                     method=res["method"]))
+                                     cpu_ms=res["cpu_ms"], method=res["method"]))
             emit(runs, RUN_COLS)
             for p in args.providers:
                 peaks = [r["peak_mb"] for r in runs if r["provider"] == p and r["status"] == "ok"]
                 if peaks:
                     history[(p, V, pass_)] = (N, max(peaks))
             summary = [dict(s, run_id=base["run_id"], **{"pass": pass_}, logits_mb=point["logits_mb"])
-                       for s in summarise(runs)]
+                       for s in _with_cpu_time(summarise(runs), runs)]
             emit(summary, SUMMARY_COLS)
     return rows
 
