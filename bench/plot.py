@@ -6,7 +6,8 @@ question and machine into ``--out`` (default: the results folder):
 * ``<machine>_memory_vs_n.png``: extra peak memory against N (log axes), one panel per (D, V) and pass (``fwd``,
   ``fwd+bwd``), one line per provider, with one full ``[N, V]`` logits buffer of the row dtype for reference;
 * ``<machine>_time_vs_n.png``: time against N as a ratio to a reference timed in the same run: plain PyTorch
-  ``F.cross_entropy(h @ W.T)`` on CPU (``time_x_torch``), the cuBLAS GEMM floor on GPU (``fwd_x`` / ``full_x``);
+  ``F.cross_entropy(h @ W.T)`` on CPU (process CPU time, ``cpu_x_torch``), the cuBLAS GEMM floor on GPU
+  (``fwd_x`` / ``full_x``);
 * ``<machine>_memory_vs_v.png`` / ``<machine>_time_vs_v.png``: the same against V at a fixed N.
 
 Sources, newest run (or commit) per machine:
@@ -110,13 +111,19 @@ def _newest(rows: list[dict], key: str, identity: tuple[str, ...]) -> list[dict]
 
 
 def cpu_points(results_dir: Path) -> list[Point]:
-    """Measured CPU points: ``cpu_sweep.csv`` summary rows of the newest run, status ``ok``."""
+    """Measured CPU points: ``cpu_sweep.csv`` summary rows of the newest run, status ``ok``. The time ratio is of
+    process CPU time (``cpu_x_torch``) where the rows have it, else of wall time (``time_x_torch``)."""
     rows = [r for r in _read(results_dir / "cpu_sweep.csv") if r.get("kind") == "summary"]
-    return [
-        Point("cpu", r["device"], "measured", r["provider"], r["pass"], int(r["N"]), int(r["D"]), int(r["V"]),
-              r["dtype"], _num(r.get("peak_mb_max")), _num(r.get("time_x_torch")), CPU_REFERENCE, _stamp(r))
-        for r in _newest(rows, "run_id", ("provider", "pass", "N", "D", "V")) if r.get("status") == "ok"
-    ]
+    points = []
+    for r in _newest(rows, "run_id", ("provider", "pass", "N", "D", "V")):
+        if r.get("status") != "ok":
+            continue
+        cpu_time = bool(r.get("cpu_x_torch"))
+        points.append(Point(
+            "cpu", r["device"], "measured", r["provider"], r["pass"], int(r["N"]), int(r["D"]), int(r["V"]),
+            r["dtype"], _num(r.get("peak_mb_max")), _num(r.get("cpu_x_torch" if cpu_time else "time_x_torch")),
+            f"{CPU_REFERENCE} ({'process CPU time' if cpu_time else 'wall time'})", _stamp(r)))
+    return points
 
 
 def gpu_points(results_dir: Path, variant: str) -> list[Point]:
@@ -303,8 +310,9 @@ def draw(question: str, points: list[Point], path: Path, caption: str = "") -> s
 CAPTIONS = {
     "cpu": ("Measured: bench/cpu_sweep.py. Each point: the largest extra resident peak (VmHWM over the process's "
             "RSS after its inputs were allocated) and the median wall time of ≥ 2 fresh processes per provider, "
-            "1 thread, fp32, default glibc allocator; time ratios to plain PyTorch measured in the same run "
-            "(absolute times vary with the shared machine's load)."),
+            "1 thread, fp32, default glibc allocator. Time ratio: median process CPU time over plain PyTorch's, "
+            "measured in the same run (CPU time, because other processes on the shared machine inflate wall time; "
+            "both are in the CSV)."),
     "measured": ("Measured: bench/linear_ce.py, CUDA peak above the inputs of one fwd+bwd; time ratio = p50 / the "
                  "cuBLAS GEMMs of the same shape timed in the same run."),
     "predicted": ("Predicted, not measured: bench/cost_model.py, traced workspace beyond inputs and gradients, and "
