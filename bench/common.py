@@ -285,7 +285,8 @@ def cpu_peak_mb(
     ``BENCH_CPU_THREADS`` threads (1).
 
     Returns ``{"peak_mb", "wall_ms", "cpu_ms", "method", "status"}`` (``cpu_ms``: the case's process CPU time,
-    which other processes on a loaded machine do not inflate as they do ``wall_ms``); ``status`` is ``"ok"``, ``"OOM"`` (killed) or an error.
+    which other processes on a loaded machine do not inflate as they do ``wall_ms``); ``status`` is ``"ok"``,
+    ``"OOM"`` (killed) or an error.
     """
     cmd = [sys.executable, "-m", "bench.common", "--peak-case", target, json.dumps(kwargs)]
     env = dict(os.environ)

@@ -12,7 +12,7 @@ question and machine into ``--out`` (default: the results folder):
 
 Sources, newest run (or commit) per machine:
 
-* CPU, measured: ``cpu_sweep.csv`` summary rows (``python -m bench cpu_sweep``);
+* CPU, measured: ``cpu_sweep.csv`` summary rows (``python -m bench cpu_sweep``) of the newest commit;
 * GPU, measured: ``linear_ce.csv`` rows timed on a GPU (``--gpu-variant``, default ``w1``: every token through
   ``token_weight``, the trainer's call); ``peak_mb`` there is of fwd+bwd, so the forward memory panel is empty;
 * GPU, predicted: ``cost_model.csv`` (``kind=predicted``): the predicted time ratio to the GEMM floor
@@ -111,11 +111,11 @@ def _newest(rows: list[dict], key: str, identity: tuple[str, ...]) -> list[dict]
 
 
 def cpu_points(results_dir: Path) -> list[Point]:
-    """Measured CPU points: ``cpu_sweep.csv`` summary rows of the newest run, status ``ok``. The time ratio is of
-    process CPU time (``cpu_x_torch``) where the rows have it, else of wall time (``time_x_torch``)."""
+    """Measured CPU points: ``cpu_sweep.csv`` summary rows of the newest commit (several runs at it may split the
+    grid; the newest row of each point), status ``ok``. The time ratio is of process CPU time (``cpu_x_torch``) where the rows have it, else of wall time (``time_x_torch``)."""
     rows = [r for r in _read(results_dir / "cpu_sweep.csv") if r.get("kind") == "summary"]
     points = []
-    for r in _newest(rows, "run_id", ("provider", "pass", "N", "D", "V")):
+    for r in _newest(rows, "commit", ("provider", "pass", "N", "D", "V")):
         if r.get("status") != "ok":
             continue
         cpu_time = bool(r.get("cpu_x_torch"))
@@ -201,10 +201,10 @@ def _panels(question: str, points: list[Point]) -> dict[tuple, list[Point]]:
 
 
 def skipped_notes(results_dir: Path) -> list[str]:
-    """What the newest CPU sweep did not measure, per provider: the reason and from which N (per V) on."""
+    """What the newest commit's CPU sweep did not measure, per provider: the reason and from which N (per V) on."""
     rows = [r for r in _read(results_dir / "cpu_sweep.csv") if r.get("kind") == "summary"]
     first_n: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
-    for r in _newest(rows, "run_id", ("provider", "pass", "N", "D", "V")):
+    for r in _newest(rows, "commit", ("provider", "pass", "N", "D", "V")):
         status = r.get("status", "ok")
         if status == "ok":
             continue

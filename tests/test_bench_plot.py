@@ -35,7 +35,8 @@ def _cpu_rows() -> list[dict]:
         for pass_ in ("fwd", "fwd+bwd"):
             for provider, peak, ratio in (("t3s", 5.0, 0.8), ("torch", N * V * 12 / 2**20, 1.0)):
                 rows.append(dict(bench="cpu_sweep", run_id="r1", kind="summary", provider=provider, N=N, D=128,
-                                 V=V, dtype="fp32", status="ok", peak_mb_max=peak, time_x_torch=ratio, cpu_x_torch=ratio,
+                                 V=V, dtype="fp32", status="ok", peak_mb_max=peak, time_x_torch=ratio,
+                                 cpu_x_torch=ratio,
                                  **{"pass": pass_}, **CPU_STAMP))
     rows.append(dict(rows[-1], N=2048, status="skipped: predicted 9000 MiB extra RSS (from 1 MiB at N=1024) is "
                                                 "over this shared machine's 7424 MiB per-process cap",
@@ -58,8 +59,8 @@ def _predicted_rows() -> list[dict]:
     older = dict(PRED_STAMP, device="predicted (traced on cpu: Other)", commit="d" * 40, date="2026-12-01T00:00:00Z")
     stale = [dict(bench="cost_model", kind="predicted", path="trainer", N=4096, D=4096, V=151936, dtype="bf16",
                   workspace_mib=1.0, h100_x=9.0, h200_x=9.0, **older)]
-    return stale + [dict(bench="cost_model", kind="predicted", path=path, N=N, D=4096, V=V, dtype="bf16", workspace_mib=800.0,
-                 h100_x=1.4, h200_x=1.1, **PRED_STAMP)
+    return stale + [dict(bench="cost_model", kind="predicted", path=path, N=N, D=4096, V=V, dtype="bf16",
+                         workspace_mib=800.0, h100_x=1.4, h200_x=1.1, **PRED_STAMP)
             for path in ("trainer", "forward") for N in (4096, 16384) for V in (128256, 151936)]
 
 
