@@ -112,7 +112,8 @@ def _newest(rows: list[dict], key: str, identity: tuple[str, ...]) -> list[dict]
 
 def cpu_points(results_dir: Path) -> list[Point]:
     """Measured CPU points: ``cpu_sweep.csv`` summary rows of the newest commit (several runs at it may split the
-    grid; the newest row of each point), status ``ok``. The time ratio is of process CPU time (``cpu_x_torch``) where the rows have it, else of wall time (``time_x_torch``)."""
+    grid; the newest row of each point), status ``ok``. The time ratio is of process CPU time (``cpu_x_torch``)
+    where the rows have it, else of wall time (``time_x_torch``)."""
     rows = [r for r in _read(results_dir / "cpu_sweep.csv") if r.get("kind") == "summary"]
     points = []
     for r in _newest(rows, "commit", ("provider", "pass", "N", "D", "V")):
