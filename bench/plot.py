@@ -368,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predicted-gpus", nargs="+", default=["h200"], choices=("h100", "h200"),
                    help="GPUs whose cost-model predictions are drawn when none of their rows are measured")
     args = p.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401 - checked here so a machine without it gets a sentence, not a traceback
+    except ImportError:
+        print("matplotlib is not installed here: `pip install matplotlib`, or copy the CSV rows to a machine that "
+              "has it and run `python -m bench plot` there")
+        return 2
     if not Path(args.results_dir).is_dir():
         raise ValueError(f"--results-dir: {args.results_dir!r} is not a folder")
     written = plot_all(args.results_dir, args.out, args.gpu_variant, tuple(args.predicted_gpus))
