@@ -197,8 +197,15 @@ def _panels(question: str, points: list[Point]) -> dict[tuple, list[Point]]:
     for p in points:
         if math.isfinite(y_of(p)) and y_of(p) > 0:
             panels[(p.D, p.V if x_is_n else p.N, p.pass_)].append(p)
+    width = {k: len({p.N if x_is_n else p.V for p in v}) for k, v in panels.items()}
+    if not x_is_n:  # "at a fixed N": the N with the most vocabularies (the largest on a tie), per D and pass
+        best = {}
+        for D, N, pass_ in panels:
+            if (width[(D, N, pass_)], N) > best.get((D, pass_), (0, 0)):
+                best[(D, pass_)] = (width[(D, N, pass_)], N)
+        panels = {k: v for k, v in panels.items() if best[(k[0], k[2])][1] == k[1]}
     return {k: v for k, v in sorted(panels.items(), key=lambda kv: (kv[0][0], kv[0][1], PASSES.index(kv[0][2])))
-            if len({p.N if x_is_n else p.V for p in v}) >= 2}
+            if width[k] >= 2}
 
 
 def skipped_notes(results_dir: Path) -> list[str]:
@@ -242,11 +249,13 @@ def _draw_panel(ax, question: str, key: tuple, points: list[Point], colors: dict
     lines: dict[tuple[str, str], list[Point]] = defaultdict(list)
     for p in points:
         lines[(p.provider, p.source)].append(p)
-    for (provider, source), pts in sorted(lines.items()):
+    for k, ((provider, source), pts) in enumerate(sorted(lines.items())):
         pts.sort(key=lambda p: p.N if x_is_n else p.V)
+        style = _style(provider, source, colors)
+        style["linewidth"] = max(1.2, 3.6 - 0.8 * k)  # earlier lines wider: coinciding providers stay visible
         ax.plot([p.N if x_is_n else p.V for p in pts], [p.peak_mb if memory else p.time_x for p in pts],
                 label=provider + ("" if source == "measured" or provider.endswith("(predicted)") else " (predicted)"),
-                **_style(provider, source, colors))
+                **style)
     xs = sorted({p.N if x_is_n else p.V for p in points})
     if memory:
         logits = [x * fixed * BYTES.get(points[0].dtype, 4) / 2**20 for x in xs]
