@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from t3s.config import ConfigError, config_path, load_config
+from t3s.io import RunFault
 
 _STARTED = time.time()  # reset by main(); the printed runtime covers the whole command
 
@@ -107,20 +108,29 @@ def _demo_one(overrides: list[str], *, progress: bool, redo=()) -> dict:
     """One demo run (pretrain θ0 if needed, the pipeline, per-family evaluation); returns the family results."""
     cfg = demo_config(overrides)
     from t3s.demo import PretrainSpec, TaskSpec, TinyModelSpec, prepare_demo
-    from t3s.demo.results import evaluate_families
-    from t3s.pipeline import run_pipeline
     from t3s.preflight import check_kwargs
-    from t3s.report import format_table
+    from t3s.runlock import run_dir_lock
     from t3s.runtime import apply_runtime
 
     specs = {"task": TaskSpec, "model": TinyModelSpec, "pretrain_spec": PretrainSpec}
     check_kwargs("demo", prepare_demo, cfg.demo, nested=specs, reserved=("run_dir", "log"))
-    asset_keys = ("model.path", "model.tokenizer", "data.train", "data.heldout")
     kw = dict(cfg.demo)
     for key, cls in specs.items():
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     apply_runtime(cfg.runtime, cfg.train.seed)  # θ0's pretraining is part of the run's numbers too
+    with run_dir_lock(cfg.run_dir):  # a second demo on this folder is refused before it builds anything
+        return _demo_in(cfg, overrides, kw, progress=progress, redo=redo)
+
+
+def _demo_in(cfg, overrides: list[str], kw: dict, *, progress: bool, redo) -> dict:
+    """The demo's assets, then the pipeline, with the run directory's lock held by the caller."""
+    from t3s.demo import prepare_demo
+    from t3s.demo.results import evaluate_families
+    from t3s.pipeline import run_pipeline
+    from t3s.report import format_table
+
+    asset_keys = ("model.path", "model.tokenizer", "data.train", "data.heldout")
     assets = prepare_demo(cfg.run_dir, **kw)
     explicit = {o.split("=", 1)[0] for o in overrides}
     for key, value in zip(asset_keys, (assets.base_model_dir, assets.tokenizer_dir, assets.train_path,
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.fn(args)
         ok = True
         return rc
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, RunFault) as e:
         if os.environ.get("T3S_TRACEBACK"):
             raise
         print(f"t3s {args.command}: error: {e}", file=sys.stderr)

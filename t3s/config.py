@@ -293,6 +293,10 @@ class RuntimeConfig:
     verify: str = "stat"
     """Checking finished stages' outputs on a re-run: ``stat`` re-hashes a file only when its size or modification
     time differs from the last hash taken (a size change is always caught); ``sha256`` re-reads every file."""
+    dist_timeout_s: float = 1800.0
+    """Under ``torchrun``: seconds a rank waits in a collective for the others before it exits with an error
+    (torch's default). A rank that dies closes its connections and the others exit at once, naming it; this
+    bounds the wait for one that hangs. Must exceed the longest rank-0-only work (evaluation, the report)."""
 
 
 @dataclass
@@ -580,6 +584,8 @@ def validate(cfg: Config) -> Config:
     if cfg.bottleneck.method == "fixed" and cfg.bottleneck.step > cfg.train.steps:
         raise ConfigError(f"bottleneck.step={cfg.bottleneck.step} is after the last step (train.steps="
                           f"{cfg.train.steps})")
+    if not cfg.runtime.dist_timeout_s > 0:
+        raise ConfigError(f"runtime.dist_timeout_s: must be > 0 seconds, got {cfg.runtime.dist_timeout_s}")
     if cfg.runtime.threads < 0 or cfg.runtime.interop_threads < 0:
         raise ConfigError(f"runtime.threads / runtime.interop_threads: must be >= 0 (0 = torch's default), got "
                           f"{cfg.runtime.threads} / {cfg.runtime.interop_threads}")

@@ -7,13 +7,19 @@ and ``MASTER_ADDR`` / ``MASTER_PORT``; :func:`init_distributed` reads them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Sequence
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from t3s.io import RunFault
 
 T = TypeVar("T")
 
@@ -51,7 +57,67 @@ def init_distributed(backend: str | None = None, *, timeout_s: float | None = No
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(**kwargs)
+    _PEERS[:] = all_gather_object((socket.gethostname(), os.getpid()))  # to name a rank that dies later
     return True
+
+
+_PEERS: list[tuple[str, int]] = []
+"""``(host, process id)`` of every rank, in rank order, gathered when the group is initialised."""
+
+
+class RankLost(RunFault):
+    """Another rank died or stopped answering; this rank stops too (a re-run resumes)."""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a killed process not yet reaped by its parent, a zombie, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state after the command name in /proc/PID/stat
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def dead_ranks() -> list[int]:
+    """Ranks on this host whose process no longer exists (ranks on other hosts cannot be checked from here)."""
+    here = socket.gethostname()
+    return [r for r, (host, pid) in enumerate(_PEERS) if r != rank() and host == here and not process_alive(pid)]
+
+
+def _is_communication_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("gloo", "Connection closed by peer", "Connection reset", "NCCL", "Timed out"))
+
+
+@contextlib.contextmanager
+def naming_lost_ranks(timeout_s: float | None = None) -> Iterator[None]:
+    """Turn a failed collective into a :class:`RankLost` that names the rank that died (or the timeout)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_distributed() or isinstance(e, RankLost) or not _is_communication_error(e):
+            raise
+        gone = dead_ranks()
+        for _ in range(10):  # a peer's connection can drop just before its process is gone: look again briefly
+            if gone:
+                break
+            time.sleep(0.5)
+            gone = dead_ranks()
+        if gone:
+            named = ", ".join(f"rank {r} (process {_PEERS[r][1]} on {_PEERS[r][0]})" for r in gone)
+            what = f"lost {named}: it died or was killed"
+        else:
+            limit = f" within runtime.dist_timeout_s = {timeout_s:g} s" if timeout_s else ""
+            what = f"lost contact with another rank (it died on another host, or did not answer{limit})"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RankLost(f"rank {rank()}: {what}; stopping. Run the same command again: finished stages are "
+                       f"skipped. ({first[:160]})") from e
 
 
 def is_distributed() -> bool:

@@ -9,15 +9,61 @@ after its outputs; what it records (dependencies, output sizes and sha256) is de
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+TIMINGS_FILE = "timings.jsonl"
+"""Wall-clock timings of a stage, kept apart from its results (``t3s.stages`` leaves the file out of every hash)."""
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                           errno.EIO})
+"""Errors of the filesystem, not of the program: the disk is full, a size limit or quota is hit, it is read-only."""
+
+
+class RunFault(RuntimeError):
+    """A run stopped for a reason outside the program (a full disk, a busy run directory, a dead rank).
+
+    Its message is one line that says what happened and what to do; ``t3s`` prints it as the error.
+    """
+
+
+class WriteFailed(RunFault):
+    """A file could not be written for a reason outside the program (its message: the file and the cause)."""
+
+    def __init__(self, path: str | os.PathLike, code: int, *, stage: str | None = None):
+        self.path, self.errno, self.stage = Path(path), code, stage
+        where = f"stage {stage}: " if stage else ""
+        super().__init__(f"{where}cannot write {path}: {os.strerror(code)} ({errno.errorcode.get(code, code)}); "
+                         "nothing of it was kept as finished: fix the cause and run the same command again")
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The filesystem error behind ``exc`` (one of :data:`WRITE_ERRNOS`), or None.
+
+    Writers report it differently: an ``OSError`` (Python, pyarrow), a chained one (``torch.save`` into a Python
+    file), or only in the text (safetensors: ``... (os error 28)``).
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain of causes is short; a bound guards against cycles
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            return seen.errno
+        found = re.search(r"(?:os error|errno)\s*(\d+)", str(seen), re.IGNORECASE)
+        if found and int(found.group(1)) in WRITE_ERRNOS:
+            return int(found.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _current_umask() -> int:
@@ -57,9 +103,17 @@ def fsync_tree(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it."""
-    path = Path(path)
+def naming_write_failures(path: Path) -> Iterator[None]:
+    """An ``OSError`` of the filesystem (:data:`WRITE_ERRNOS`) in the body as a :class:`WriteFailed` naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise WriteFailed(path, e.errno) from e
+        raise
+
+
+def _temporary_next_to(path: Path, *, is_dir: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -69,6 +123,19 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
         os.close(fd)
         tmp = Path(name)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should get the usual permissions
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it.
+
+    A filesystem error (disk full, file too large, read-only; :data:`WRITE_ERRNOS`) becomes a
+    :class:`WriteFailed` that names ``path`` and the cause.
+    """
+    path = Path(path)
+    with naming_write_failures(path):
+        tmp = _temporary_next_to(path, is_dir=is_dir)
     try:
         yield tmp
         fsync_tree(tmp)  # the data is on disk before the name points at it
@@ -81,11 +148,14 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
         else:
             os.replace(tmp, path)
         _fsync_path(path.parent)  # the rename itself is durable
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        code = None if isinstance(e, WriteFailed) else write_errno(e)
+        if code is not None:
+            raise WriteFailed(path, code) from e
         raise
 
 
@@ -153,7 +223,11 @@ def write_parquet_atomic(path: str | os.PathLike, table: Any) -> Path:
 def save_torch_atomic(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
-    return write_atomic(path, lambda p: torch.save(obj, p))
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # through a Python file, so a failed write keeps its OSError (errno)
+            torch.save(obj, f)
+
+    return write_atomic(path, save)
 
 
 def _marker(run_dir: str | os.PathLike, stage: str) -> Path:

@@ -26,6 +26,7 @@ every rank runs the pipeline, rank 0 writes the shared files and the markers.
 
 Run directory::
 
+    .t3s.lock, .t3s.lock.json   held while a run is in progress (t3s.runlock): a second run is refused
     config.yaml                 the resolved config of the latest run
     provenance.json             threads, determinism, seed, library versions, BLAS, CPU / GPU (t3s.runtime)
     trajectory/                 baseline SFT from θ0: metrics.jsonl (loss, training accuracy, truncated shares),
@@ -56,7 +57,8 @@ from t3s.config import Config, check_dllm_pipeline, to_dict, to_yaml
 from t3s.data import IGNORE_INDEX, Record, TokenizedExample, load_records, tokenize_records
 from t3s.generate import SamplingConfig, derive_max_new_tokens, model_context_length, subset_indices
 from t3s.io import atomic_path, read_json, write_json_atomic, write_text_atomic
-from t3s.stages import Stage, resolve_redo, run_stages
+from t3s.runlock import run_dir_lock
+from t3s.stages import Stage, pin_inputs, resolve_redo, run_stages
 
 SELECTION_VARIANTS = ("t3s", "neg_t3s", "static_high_conf", "static_low_conf", "random")
 
@@ -390,18 +392,32 @@ class Pipeline:
         if self.dllm and D.launched_distributed():
             raise ValueError("train.mode=dllm: the block-diffusion trainer runs on a single process; launch "
                              "`t3s run` without torchrun")
-        D.init_distributed(None if self.cfg.distributed.backend == "auto" else self.cfg.distributed.backend)
+        rt = self.cfg.runtime
+        D.init_distributed(None if self.cfg.distributed.backend == "auto" else self.cfg.distributed.backend,
+                           timeout_s=rt.dist_timeout_s)
+        trust_stat = self.cfg.runtime.verify == "stat"
+        # digested before validation reads them: a stage that finds one changed since then fails, naming it;
+        # then one run at a time on the run directory (rank 0 holds the lock)
+        pins = pin_inputs(self.run_dir, self.external_inputs(), trust_stat=trust_stat) if D.is_main() else None
         self.validate()  # on every rank (all fail alike), before anything is written
         stages = self.stages()
         resolve_redo(redo, stages)  # an unknown --redo name fails before the run directory exists
-        if D.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
-            write_json_atomic(self.run_dir / "provenance.json", provenance(self.cfg.runtime, self.cfg.train.seed))
-        D.barrier()
-        run_stages(self.run_dir, to_dict(self.cfg), stages, redo=redo, trust_stat=self.cfg.runtime.verify == "stat",
-                   log=self.log, record={"runtime": runtime_state()})
+        with D.naming_lost_ranks(rt.dist_timeout_s), run_dir_lock(self.run_dir, log=self.log):
+            if D.is_main():
+                write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+                write_json_atomic(self.run_dir / "provenance.json",
+                                  provenance(self.cfg.runtime, self.cfg.train.seed))
+            D.barrier()
+            run_stages(self.run_dir, to_dict(self.cfg), stages, redo=redo, trust_stat=trust_stat, log=self.log,
+                       record={"runtime": runtime_state()}, pins=pins)
         return self.run_dir / "report" / "report.md"
+
+    def external_inputs(self) -> dict[str, str]:
+        """The files and folders outside the run directory that stages read, by config key."""
+        c = self.cfg
+        return {"model.path": c.model.path, "model.selector": c.model.selector or "",
+                "model.tokenizer": c.model.tokenizer or "", "data.train": c.data.train,
+                "data.heldout": c.data.heldout, "accuracy.curve": c.accuracy.curve or ""}
 
     # ---- validation before the first stage --------------------------------------------------------------------
 

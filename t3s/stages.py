@@ -12,6 +12,14 @@ A :class:`Stage` declares what it reads and writes:
   size and sha256 of every file in them; a re-run checks them and re-runs a stage whose outputs changed or
   vanished, naming the file.
 
+Inputs outside the run directory (model, tokenizer, traces, held-out set) are pinned when the run starts
+(:func:`pin_inputs`, before validation reads them): a stage that finds one changed since then fails with
+:class:`InputChanged` naming the file, before it runs and again before its marker is written, so no marker
+records content that the stage did not read.
+
+Files named in :data:`UNHASHED_FILES` (wall-clock timings) are written with the outputs but never hashed: a
+repaired stage reproduces its recorded bytes, and nothing downstream re-runs for a different duration.
+
 A file whose size and modification time match the last hash taken of it is not read again
 (``runtime.verify=stat``, the default; ``sha256`` re-reads every output and input on every run).
 A stage declared as a bare ``(name, fn)`` pair depends on the whole config and on every earlier stage's
@@ -20,22 +28,27 @@ outputs, and declares no outputs: always correct, only less selective.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from t3s import distributed as D
-from t3s.io import file_sha256, list_files, read_json, stage_info, write_json_atomic
+from t3s.io import (TIMINGS_FILE, WRITE_ERRNOS, WriteFailed, file_sha256, list_files, naming_write_failures,
+                   read_json, stage_info, write_json_atomic)
 
 MARKER_VERSION = 2
 
 PATH_KEYS = ("run_dir", "model.path", "model.tokenizer", "data.train", "data.heldout", "accuracy.curve")
 """Config keys that name files: compared by the content of what they name (as stage inputs), never by spelling."""
+
+UNHASHED_FILES = frozenset({TIMINGS_FILE})
+"""Output files that record how long things took: kept with the outputs, left out of every hash."""
 
 UNCOMPARED_PREFIXES = ("runtime.",)
 """Keys that change how a run executes, not what it computes (threads, verification): recorded, not compared."""
@@ -111,7 +124,7 @@ class HashCache:
         path = Path(path)
         if path.is_file():
             return {path.name: self.file(path)}
-        return {f.relative_to(path).as_posix(): self.file(f) for f in list_files(path)}
+        return {f.relative_to(path).as_posix(): self.file(f) for f in hashed_files(path)}
 
     def digest(self, path: Path) -> str | None:
         files = self.tree(path)
@@ -125,6 +138,39 @@ class HashCache:
             self.dirty = False
 
 
+def hashed_files(path: Path) -> list[Path]:
+    """The files of an output that its record covers (timings left out)."""
+    return [f for f in list_files(path) if f.name not in UNHASHED_FILES]
+
+
+class InputChanged(ValueError):
+    """An input outside the run directory changed after the run pinned (validated) it."""
+
+
+@dataclass
+class Pins:
+    """Content digests of a run's external inputs, taken when it starts (:func:`pin_inputs`)."""
+
+    hashes: HashCache
+    digests: dict[str, tuple[str, str | None]]
+    """``{resolved path: (label, digest)}``"""
+
+    def check(self, path: Path, digest: str | None) -> None:
+        pinned = self.digests.get(str(path.resolve()))
+        if pinned is not None and pinned[1] != digest:
+            raise InputChanged(f"{pinned[0]} {path} changed while the run was using it (its content differs from "
+                               "when the run started and validated it); a stage must not mix two versions of an "
+                               "input: leave it unchanged until the run ends, then run again")
+
+
+def pin_inputs(run_dir: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], *,
+               trust_stat: bool = True) -> Pins:
+    """Digest every ``{label: path}`` now (unset entries skipped), for :func:`run_stages` to re-check."""
+    hashes = HashCache(Path(run_dir) / ".stages" / "hashes.json", trust_stat=trust_stat)
+    digests = {str(Path(p).resolve()): (label, hashes.digest(Path(p))) for label, p in inputs.items() if p}
+    return Pins(hashes, digests)
+
+
 @dataclass
 class Decision:
     run: bool
@@ -134,13 +180,22 @@ class Decision:
 class StageBook:
     """Decides, for one run directory and config, which stages can be reused; writes their markers."""
 
-    def __init__(self, run_dir: str | os.PathLike, config: Mapping, *, trust_stat: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, config: Mapping, *, trust_stat: bool = True,
+                 pins: Pins | None = None):
         self.run_dir = Path(run_dir)
         self.flat = flatten(config)
-        self.hashes = HashCache(self.run_dir / ".stages" / "hashes.json", trust_stat=trust_stat)
+        self.pins = pins
+        self.hashes = pins.hashes if pins else HashCache(self.run_dir / ".stages" / "hashes.json",
+                                                         trust_stat=trust_stat)
 
     def _inputs(self, stage: Stage) -> dict[str, str | None]:
-        return {label: self.hashes.digest(Path(p)) for label, p in sorted(stage.inputs.items()) if p}
+        out = {}
+        for label, p in sorted(stage.inputs.items()):
+            if p:
+                out[label] = self.hashes.digest(Path(p))
+                if self.pins:
+                    self.pins.check(Path(p), out[label])
+        return out
 
     def record(self, stage: Stage) -> dict:
         """What the stage depends on now (config values and input content digests)."""
@@ -189,10 +244,11 @@ class StageBook:
         (self.run_dir / ".stages" / f"{stage.name}.json").unlink(missing_ok=True)
         for rel in stage.outputs:
             path = self.run_dir / rel
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            with naming_write_failures(path):  # rmtree's own errors name a file relative to a folder it is in
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
 
     def finish(self, stage: Stage, info: Mapping | None = None) -> dict:
         """Write the marker: dependencies, and size + sha256 of every output file. Call after the outputs exist."""
@@ -201,7 +257,7 @@ class StageBook:
             path = self.run_dir / rel
             if not path.exists():
                 raise RuntimeError(f"stage {stage.name} finished without writing {rel}")
-            for f in ([path] if path.is_file() else list_files(path)):
+            for f in ([path] if path.is_file() else hashed_files(path)):
                 outputs[f.relative_to(self.run_dir).as_posix()] = self.hashes.file(f)
         marker = {"stage": stage.name, "version": MARKER_VERSION, **self.record(stage), "outputs": outputs,
                   **dict(info or {})}
@@ -235,12 +291,28 @@ def resolve_redo(names: Iterable[str], stages: Iterable[Stage]) -> set[str]:
     return out
 
 
+@contextlib.contextmanager
+def _naming_the_stage(name: str, run_dir: Path) -> Iterator[None]:
+    """A filesystem error inside a stage as one :class:`WriteFailed` line with the stage, file and cause."""
+    try:
+        yield
+    except WriteFailed as e:
+        raise WriteFailed(e.path, e.errno, stage=name) from e
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise WriteFailed(e.filename or run_dir, e.errno, stage=name) from e
+
+
 def run_stages(run_dir: str | os.PathLike, config: Mapping, entries: Iterable[Stage | tuple], *,
                redo: Iterable[str] = (), trust_stat: bool = True, log: Callable[[str], None] = print,
-               record: Mapping | None = None) -> list[str]:
+               record: Mapping | None = None, pins: Pins | None = None) -> list[str]:
     """Run every stage that is not reusable, in order; returns the names of the stages that ran.
 
     ``record`` goes into each marker as is (the pipeline stores the threads and determinism in effect).
+    ``pins``: external inputs digested at the start (:func:`pin_inputs`); a change is :class:`InputChanged`.
+    A filesystem error while a stage writes (disk full, file too large, read-only) is a :class:`WriteFailed`
+    naming the stage, the file and the cause; the stage gets no marker, so the next run re-runs it.
 
     Rank 0 decides and writes markers; every rank runs each stage (the stage itself decides who writes).
     """
@@ -251,7 +323,7 @@ def run_stages(run_dir: str | os.PathLike, config: Mapping, entries: Iterable[St
     for entry in entries:
         stages.append(as_stage(entry, stages, run_dir))
     redo_set = resolve_redo(redo, stages)
-    book = StageBook(run_dir, config, trust_stat=trust_stat) if D.is_main() else None
+    book = StageBook(run_dir, config, trust_stat=trust_stat, pins=pins) if D.is_main() else None
     ran = []
     for stage in stages:
         decision = D.broadcast_object(book.decide(stage, redo=stage.name in redo_set) if book else None)
@@ -260,16 +332,17 @@ def run_stages(run_dir: str | os.PathLike, config: Mapping, entries: Iterable[St
             continue
         if decision.reason:
             log(f"[t3s] {stage.name}: re-running ({decision.reason})")
-        if book:
-            book.clear(stage)
-        D.barrier()
-        log(f"[t3s] {stage.name} ...")
-        t0 = time.time()
-        info = stage.run() or {}
-        D.barrier()
-        if book:
-            book.finish(stage, {"finished_at": time.time(), "seconds": round(time.time() - t0, 2), "info": info,
-                                **dict(record or {})})
+        with _naming_the_stage(stage.name, run_dir):
+            if book:
+                book.clear(stage)
+            D.barrier()
+            log(f"[t3s] {stage.name} ...")
+            t0 = time.time()
+            info = stage.run() or {}
+            D.barrier()
+            if book:
+                book.finish(stage, {"finished_at": time.time(), "seconds": round(time.time() - t0, 2),
+                                    "info": info, **dict(record or {})})
         D.barrier()
         ran.append(stage.name)
     return ran

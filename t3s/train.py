@@ -39,7 +39,7 @@ from t3s import distributed as D
 from t3s.bottleneck import Bottleneck, OnlineBottleneckDetector
 from t3s.config import Config
 from t3s.data import IGNORE_INDEX, TokenizedExample, collate, pack_examples
-from t3s.io import atomic_path, write_json_atomic
+from t3s.io import TIMINGS_FILE, atomic_path, write_json_atomic
 from t3s.packing import model_attn_implementation, packed_model_inputs, resolve_attn_implementation
 from t3s.schedule import lr_scheduler
 
@@ -215,7 +215,8 @@ class SFTRecipe:
     Args:
         cfg: the run config (``optim``, ``train``, ``accuracy``, ``bottleneck``, ``distributed``, ``model``).
         examples: tokenized training examples; ``token_weight`` set on them selects tokens.
-        out_dir: where ``metrics.jsonl``, ``summary.json`` and checkpoints go.
+        out_dir: where ``metrics.jsonl``, ``timings.jsonl`` (wall-clock seconds), ``summary.json`` and
+            checkpoints go.
         init_path: the starting checkpoint (default ``cfg.model.path``).
         evaluate: hooks run at step 0 and every ``accuracy.every`` steps; each returns metrics. A
             ``train_accuracy`` metric feeds the bottleneck detector.
@@ -288,7 +289,8 @@ class SFTRecipe:
                          if cfg.train.autocast == "bf16" else contextlib.nullcontext())
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "metrics.jsonl").write_text("", encoding="utf-8")  # a re-run starts a fresh log
+            for log in ("metrics.jsonl", TIMINGS_FILE):  # a re-run starts fresh logs
+                (self.out_dir / log).write_text("", encoding="utf-8")
 
     @property
     def is_main(self) -> bool:
@@ -392,9 +394,10 @@ class SFTRecipe:
             if step == self.steps:
                 break
             row = self.train_step(self.batches[step])
-            row.update(step=step + 1, time=round(time.time() - t0, 3))
+            row.update(step=step + 1)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == self.steps:
                 self._log(row)
+                self._log({"step": step + 1, "time": round(time.time() - t0, 3)}, TIMINGS_FILE)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             bar.update(1)
         bar.close()
@@ -443,10 +446,15 @@ class SFTRecipe:
         res.method = b.method
         return res
 
-    def _log(self, row: dict) -> None:
+    def _log(self, row: dict, name: str = "metrics.jsonl") -> None:
         if self.is_main:
-            with (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            path = self.out_dir / name
+            try:
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:  # an append names no file when it fails: name it
+                e.filename = e.filename or str(path)
+                raise
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
 
