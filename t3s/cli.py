@@ -60,19 +60,18 @@ def _pin_portable() -> None:
 
     Torch is not imported yet on the command's own path, so setting the environment suffices. If it is (a
     caller imported it first), the command re-starts itself with the pins set, the only way to be sure no
-    library read its dispatch level already; called as a library function it cannot, so it warns and
+    library read its dispatch level already; called as a library function it cannot, and leaves the warning to
+    :func:`t3s.runtime.apply_runtime` (once the config is validated, so a config error stays one line);
     ``provenance.json`` records what is in force.
     """
-    from t3s.runtime import pin_portable_env, portable_env_missing
+    from t3s.runtime import PORTABLE_ENV, portable_env_missing
 
-    missing = portable_env_missing()
-    if pin_portable_env() or not missing:
-        return
-    if _AS_COMMAND:
+    if "torch" not in sys.modules or not portable_env_missing():
+        os.environ.update(PORTABLE_ENV)
+    elif _AS_COMMAND:
+        os.environ.update(PORTABLE_ENV)
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    print(f"t3s: runtime.portable: torch was imported before the instruction-set pins were set (had {missing}); "
-          "provenance.json records which are in force", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

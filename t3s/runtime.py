@@ -19,6 +19,7 @@ import platform
 import random
 import re
 import sys
+import warnings
 from typing import Any
 
 # Set before torch (and with it OpenMP / MKL) initialises; setdefault keeps a user's explicit choice.
@@ -93,7 +94,11 @@ def apply_runtime(runtime: Any, seed: int) -> dict:
 
     pin_threading_env()  # harmless if torch already initialised its pools; effective for child processes
     if getattr(runtime, "portable", False):
-        pin_portable_env()  # t3s.cli set them before torch; a library caller gets what is still lazy (recorded)
+        missing = portable_env_missing()  # t3s.cli sets them before torch; a library caller is too late for some
+        pin_portable_env()  # what is still lazy gets pinned; provenance records what is in force
+        if missing:
+            warnings.warn(f"runtime.portable: torch was imported before the instruction-set pins were set (had "
+                          f"{missing}); provenance.json records which are in force", RuntimeWarning, stacklevel=2)
     if runtime.threads:
         torch.set_num_threads(int(runtime.threads))
     if runtime.interop_threads and torch.get_num_interop_threads() != runtime.interop_threads:
