@@ -7,7 +7,7 @@ saved run (files under ``bench/results/pytest-benchmark/<machine>/``; the first 
         --benchmark-storage=bench/results/pytest-benchmark
 
 CI runs every benchmark once with ``--benchmark-disable`` (``tests/test_bench_micro_smoke.py``): it checks that they
-run, never how fast. What is timed (CPU, sizes in each test's name):
+run and that what they return is right (against materialised logits, the union-mask definition), never how fast. What is timed (CPU, sizes in each test's name):
 
 * ``reference_*``: the pure-PyTorch chunked reference behind ``impl="auto"`` on CPU — ``token_logprobs`` under
   ``no_grad`` (the profiler's call) and ``linear_cross_entropy`` forward + backward (training on CPU).
@@ -49,7 +49,9 @@ def test_reference_token_logprobs_no_grad_n512_d64_v4096(benchmark, head):
             return token_logprobs(h, w, y, return_entropy=True, impl="reference")
 
     out = benchmark(run)
-    assert torch.isfinite(out.logprob).all()
+    logp = torch.log_softmax(h.double() @ w.double().t(), -1)
+    torch.testing.assert_close(out.logprob.double(), logp.gather(1, y[:, None])[:, 0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.entropy.double(), -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-4)
 
 
 def test_reference_linear_ce_fwd_bwd_n512_d64_v4096(benchmark, head):
@@ -66,7 +68,13 @@ def test_reference_linear_ce_fwd_bwd_n512_d64_v4096(benchmark, head):
         return loss
 
     loss = benchmark(run)
-    assert torch.isfinite(loss) and hh.grad is not None
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(h64 @ w64.t(), y, reduction="none")
+    want = (ce * tw.double()).sum() / tw.sum()
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hh.grad.double(), h64.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ww.grad.double(), w64.grad, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
@@ -90,7 +98,10 @@ def test_union_mask_b4_l1024(benchmark, impl):
                                           impl=impl)
 
     out = benchmark(run)
-    assert out.noisy_ids.shape == (B, L)
+    masked = out.noisy_ids == 1  # the definition: m' = m ∨ (target ∧ maskable), clean ids elsewhere
+    assert torch.equal(out.noisy_ids, torch.where(masked, torch.ones_like(ids), ids))
+    assert not (masked & ~maskable).any() and not (targets & ~masked).any()
+    assert torch.equal(out.loss_weight > 0, masked)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +126,11 @@ def test_select_128x256_tokens(benchmark, delta_store, rule):
     from t3s.select import select_tokens
 
     sel = benchmark(select_tokens, delta_store, rule=rule)
-    assert len(sel) == 128
+    assert len(sel) == 128 and sel.ids == [f"e{i}" for i in range(128)]
+    assert all(np.array_equal(p, np.arange(1, 257)) for p in sel.positions)
+    w = np.concatenate(sel.weights)
+    assert set(np.unique(w).tolist()) <= {0.0, 1.0}
+    assert 0 < (w == 0).mean() < 1 and np.isclose((w == 0).mean(), sel.stats["selected_fraction"])
 
 
 def test_host_token_logprobs_dispatch_one_token(benchmark):
@@ -127,7 +142,9 @@ def test_host_token_logprobs_dispatch_one_token(benchmark):
         with torch.no_grad():
             return token_logprobs(h, w, y, impl="reference")
 
-    benchmark(run)
+    out = benchmark(run)
+    want = torch.log_softmax(h.double() @ w.double().t(), -1)[0, 3]
+    torch.testing.assert_close(out.logprob.double(), want.reshape(1), rtol=0, atol=1e-5)
 
 
 def test_host_triton_launch_wrapper_without_launch(benchmark, monkeypatch):

@@ -1,10 +1,11 @@
 """CPU smoke test of the benchmark harness: both ``--cpu-memory`` modes, results written to a temp dir.
 
-The assertion is a measured memory claim, not a timing. With ``L = N·V·4`` bytes (one fp32 ``[N, V]`` logits
-buffer), the materialised path must hold at least two such buffers at its peak (training: logits and their
-gradient; log-probs: logits and ``log_softmax``), which also shows the measurement sees them; the t3s path keeps
-only bounded ``[chunk, V]`` blocks, so it must stay at least one whole logits buffer below the materialised peak.
-The shape is chosen so ``L`` (250 MiB) is several times the reference path's chunk budget.
+The assertion is a measured memory claim, not a timing, and an absolute one: at N = 8192, V = 32000 one fp32
+``[N, V]`` logits buffer is 1000 MiB, about four of the chunked path's default CPU workspaces (256 MiB), so a path
+that held the logits (or any ``[N, V]`` block) would peak near or above 1000 MiB. The t3s path must peak within
+its workspace plus a fixed allowance (the GEMM library's buffers, the O(N) per-token vectors, the input
+gradients: N·D + V·D floats, 2.5 MiB here), and at least near the workspace, which shows the measurement sees
+the allocations it bounds (checked once with ``T3S_WORKSPACE_BYTES`` at 4 GiB: the peak then is the logits).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `bench` is a top-level folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-N, D, V = 2048, 16, 32000
+N, D, V = 8192, 16, 32000
 LOGITS_MB = N * V * 4 / 2**20
+WORKSPACE_MB = 256  # t3s_kernels.linear_ce.chunked.DEFAULT_WORKSPACE_BYTES["cpu"]
+ALLOWANCE_MB = 128  # measured 2026-12-05: about 50 MiB above the workspace for both benchmarks
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for RSS")
 
@@ -34,24 +37,25 @@ def _rows(path: Path) -> dict[str, dict[str, str]]:
 def test_cpu_memory_mode(bench_name, tmp_path):
     import importlib
 
+    assert LOGITS_MB >= 3 * WORKSPACE_MB  # the logits are several chunks
     mod = importlib.import_module(f"bench.{bench_name}")
     argv = [
         "--cpu-memory", "--cpu-n", str(N), "--cpu-d", str(D), "--cpu-v", str(V),
-        "--cpu-providers", "t3s", "torch", "--jobs", "2", "--results-dir", str(tmp_path),
+        "--cpu-providers", "t3s", "--jobs", "1", "--results-dir", str(tmp_path),
     ]
     assert mod.main(argv) == 0
     rows = _rows(tmp_path / f"{bench_name}.csv")
-    assert set(rows) == {"t3s", "torch"}
-    for r in rows.values():
-        assert r["status"] == "ok", r
-        for col in ("device", "torch", "triton", "t3s", "commit", "date"):
-            assert r[col], f"missing stamp column {col}"
-    fused, materialised = float(rows["t3s"]["peak_mb"]), float(rows["torch"]["peak_mb"])
-    assert materialised >= 2 * LOGITS_MB, f"materialised peak {materialised:.0f} MiB < 2 x logits ({LOGITS_MB:.0f})"
-    assert fused <= materialised - LOGITS_MB, (
-        f"t3s peak {fused:.0f} MiB is not one logits buffer ({LOGITS_MB:.0f} MiB) below the materialised "
-        f"{materialised:.0f} MiB"
+    assert set(rows) == {"t3s"}
+    r = rows["t3s"]
+    assert r["status"] == "ok", r
+    for col in ("device", "torch", "triton", "t3s", "commit", "date"):
+        assert r[col], f"missing stamp column {col}"
+    peak = float(r["peak_mb"])
+    assert peak <= WORKSPACE_MB + ALLOWANCE_MB, (
+        f"t3s peak {peak:.0f} MiB exceeds its {WORKSPACE_MB} MiB workspace + {ALLOWANCE_MB} MiB "
+        f"(logits: {LOGITS_MB:.0f} MiB)"
     )
+    assert peak >= 0.75 * WORKSPACE_MB, f"t3s peak {peak:.0f} MiB: the measurement misses the workspace"
 
 
 @pytest.mark.parametrize(

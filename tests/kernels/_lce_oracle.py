@@ -124,3 +124,28 @@ def check_ce_against_oracle(ours, h, W, b, y, dtype, *, upstream=None, **naive_k
         return naive_ce(h_, W_, y, bias=b_, **naive_kw, **dt)
 
     return check_against_oracle(ours, naive, (h, W, b), ("loss", "lse"), dtype, upstream=upstream, grad_dtype=dtype)
+
+
+def condition(naive, h, W, b, upstream, n_outputs: int) -> list[float]:
+    """First-order magnitude each checked value is computed from (fp64, from the oracle): rounding every raw logit
+    ``x = h·Wᵀ + b`` by ``u·(|h|·|Wᵀ| + |b|)`` moves output ``j`` by at most ``u·Σ|∂o_j/∂x|·(|h|·|Wᵀ| + |b|)``
+    (per token for per-token outputs), and the final GEMMs of the gradients sum terms of size ``|dx|·|W|``,
+    ``|dx|ᵀ·|h|``, ``|dx|``. Where such a sum cancels, its result is far smaller than its terms and a few ulps of
+    the result alone would be no budget any dtype can meet."""
+    h2 = h.double().reshape(-1, h.shape[-1])
+    W64, b64 = W.double(), None if b is None else b.double()
+    x = (h2 @ W64.t() + (0 if b64 is None else b64)).reshape(*h.shape[:-1], W.shape[0])
+    mag = h2.abs() @ W64.abs().t() + (0 if b64 is None else b64.abs())
+    x = x.detach().requires_grad_(True)
+    identity = torch.eye(W.shape[0], dtype=torch.float64)
+    outs = naive(x, identity, None)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    conds = []
+    for o in outs[:n_outputs]:
+        (g,) = torch.autograd.grad(o.sum(), x, retain_graph=True)  # per-token outputs: row i is ∂o_i/∂x_i
+        conds.append(((g.abs().reshape(-1, W.shape[0]) * mag).sum(-1).max().item()) if g.numel() else 0.0)
+    total = sum((o * u).sum() for o, u in zip(outs, upstream))
+    (dx,) = torch.autograd.grad(total, x) if total.requires_grad else (torch.zeros_like(x),)
+    dx = dx.reshape(-1, W.shape[0]).abs()
+    grads = [(dx @ W64.abs()).max(), (dx.t() @ h2.abs()).max(), dx.sum(0).max()]
+    return conds + [g.item() if g.numel() else 0.0 for g in grads]

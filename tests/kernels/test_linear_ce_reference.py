@@ -159,8 +159,25 @@ def test_reference_large_vocab_262144():
     assert_close_to_oracle("dW", g[1], gn[1], gb[1], dtype=torch.float32)
 
 
-def test_auto_on_cpu_is_reference():
+@pytest.mark.parametrize("workspace_bytes", [None, 13 * 4 * 3], ids=["one chunk", "chunks of 3 rows"])
+def test_auto_on_cpu_runs_chunked_path_with_reference_forward_and_oracle_gradients(monkeypatch, workspace_bytes):
+    """``impl="auto"`` on CPU goes through the chunked PyTorch path (the reference does not); its forward equals
+    the reference bit for bit; its gradients are within the fp32 budget of the float64 oracle."""
+    from t3s_kernels.linear_ce import api
+
+    calls = []
+    real = api.chunked_cross_entropy
+    monkeypatch.setattr(api, "chunked_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
     h, W, b, y, w = _inputs((5, 4), 13, 7, dtype=torch.float32, bias=True, weights=True)
-    a = linear_cross_entropy(h, W, y, bias=b, token_weight=w, label_smoothing=0.1)
-    r = linear_cross_entropy(h, W, y, bias=b, token_weight=w, label_smoothing=0.1, impl="reference")
+    kw = dict(token_weight=w, label_smoothing=0.1)
+    r = linear_cross_entropy(h, W, y, bias=b, impl="reference", **kw)
+    assert not calls
+    (a,), g = grads_of(lambda h_, W_, b_: linear_cross_entropy(h_, W_, y, bias=b_, workspace_bytes=workspace_bytes,
+                                                                **kw), (h, W, b))
+    assert calls, "impl='auto' on CPU did not take the chunked path"
     assert torch.equal(a, r)
+    _, gn = grads_of(lambda h_, W_, b_: naive_ce(h_, W_, y, bias=b_, **kw), (h, W, b))
+    _, gb = grads_of(lambda h_, W_, b_: naive_ce(h_, W_, y, bias=b_, matmul_dtype=torch.float32,
+                                                  math_dtype=torch.float32, **kw), (h, W, b))
+    for name, got, oracle, base in zip(("dh", "dW", "db"), g, gn, gb):
+        assert_close_to_oracle(name, got, oracle, base, dtype=torch.float32)

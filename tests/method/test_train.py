@@ -139,10 +139,26 @@ def test_rrt_state_dict_arithmetic(tmp_path, assets):
         rrt_state_dict(base, {"w": neck["w"]}, final)
     with pytest.raises(ValueError, match="shapes"):
         rrt_state_dict(base, {"w": torch.zeros(3), "i": neck["i"]}, final)
-    model = assets[1]["model"]  # θ0 + (θ0 - θ0) = θ0
-    rrt_checkpoint(model, model, model, tmp_path / "rrt")
-    a, b = load_model(model).state_dict(), load_model(str(tmp_path / "rrt")).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # three distinct checkpoints, so a function returning any one of its inputs fails
+    model = assets[1]["model"]
+    theta = {"base": load_model(model).state_dict()}
+    for name, seed, scale in (("neck", 1, 0.01), ("final", 2, 0.03)):
+        m = load_model(model)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+        m.save_pretrained(tmp_path / name)
+        theta[name] = m.state_dict()
+    rrt_checkpoint(model, tmp_path / "neck", tmp_path / "final", tmp_path / "rrt")
+    got = load_model(str(tmp_path / "rrt")).state_dict()
+    assert got.keys() == theta["base"].keys()
+    for k, v in got.items():
+        b, n, f = (theta[x][k].double() for x in ("base", "neck", "final"))
+        want = b + (f - n) if v.is_floating_point() else b
+        assert torch.allclose(v.double(), want, rtol=0, atol=1e-6), k
+    moved = [k for k, v in got.items() if v.is_floating_point()]
+    assert moved and all(not torch.equal(got[k], theta[x][k]) for k in moved for x in theta)
 
 
 def test_batched_left_padded_generation_matches_one_by_one(assets):
@@ -154,8 +170,10 @@ def test_batched_left_padded_generation_matches_one_by_one(assets):
     batched = generate_greedy(model, prompts, batch_size=4, **kw)
     single = [generate_greedy(model, [p], batch_size=1, **kw)[0] for p in prompts]
     assert batched == single
-    ref = model.generate(torch.tensor([prompts[0]]), max_new_tokens=5, do_sample=False)[0, len(prompts[0]):]
-    assert batched[0] == [t for t in ref.tolist() if t != tok.eos_token_id][: len(batched[0])]
+    for prompt, ours in zip(prompts, batched):  # Hugging Face's greedy decoding, cut before the end token
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+        assert ours == (ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref)
 
 
 def test_clear_errors(assets, tmp_path):
