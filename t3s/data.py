@@ -273,9 +273,21 @@ def adapt_row(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    from t3s.preflight import read_text_lines  # bad bytes are an error naming the file and line
+def read_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines of a UTF-8 text file with their 1-based numbers; bad bytes name the file and line."""
+    path = Path(path)
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {line_no}: not UTF-8 text (byte {e.start} of the line is "
+                                 f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
+            if line.strip():
+                yield line_no, line
 
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     for line_no, line in read_text_lines(path):
         try:
             yield line_no, json.loads(line)

@@ -11,7 +11,7 @@ document, no padding, and the attention backend that serves that layout.
   Older transformers get the mask explicitly (boolean for sdpa, additive for eager).
 * :func:`score_packed` is the Δc_t profiler's packed path: the examples of a length bucket are packed
   (first-fit decreasing, :func:`t3s.data.pack_examples`) into rows of at most ``batch_tokens`` tokens, scored with
-  :func:`t3s.profile.score_batch`, and unpacked per document; it gives the same ``c_t`` as one sequence per row
+  :func:`t3s.scoring.score_batch`, and unpacked per document; it gives the same ``c_t`` as one sequence per row
   (``tests/method/test_packing.py``; on a GPU with flash-attn, the ``gpu`` test there).
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from t3s.data import IGNORE_INDEX, PackedBatch, TokenizedExample, pack_examples
+from t3s.scoring import score_batch
 
 __all__ = ["flash_attn_available", "packed_model_inputs", "resolve_attn_implementation", "score_packed"]
 
@@ -97,8 +98,6 @@ def score_packed(
     packed rows of at most ``max(batch_tokens, longest example)`` tokens. Same values as scoring each example in
     its own row: no token attends across a document boundary and each document's first label is dropped (it
     has no prefix in its own document)."""
-    from t3s.profile import score_batch
-
     if not examples:
         return []
     device = next(iter(model.parameters())).device

@@ -78,7 +78,7 @@ def load_eval_records(path: str, *, format: str = "auto", adapter: str = "auto")
     except ValueError as e:
         if "response" not in str(e):
             raise
-    from t3s.preflight import read_text_lines
+    from t3s.data import read_text_lines
 
     rows = []
     for line_no, line in read_text_lines(path):

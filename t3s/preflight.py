@@ -7,27 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "vocab.txt")
-
-
-def read_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Non-blank lines of a UTF-8 text file with their 1-based numbers; bad bytes name the file and line."""
-    path = Path(path)
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} line {line_no}: not UTF-8 text (byte {e.start} of the line is "
-                                 f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
-            if line.strip():
-                yield line_no, line
 
 
 def check_file(key: str, path: str) -> Path:

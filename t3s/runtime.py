@@ -6,9 +6,10 @@ count. :func:`pin_threading_env` (called by the ``t3s`` command before torch is 
 threading off. A float result also depends on the instruction set each library dispatches to (PyTorch's own
 kernels, MKL and oneDNN pick AVX-512 on a CPU that has it, AVX2 on one that does not);
 :func:`pin_portable_env` (``runtime.portable``, also set before torch is imported) pins all three to AVX2, a
-level every current x86-64 server CPU has, so one run gives the same bytes on any of them. :func:`apply_runtime` pins the thread counts from ``runtime.*``, turns on deterministic
-algorithms and seeds every RNG; :func:`provenance` records all of it with the library versions and the BLAS
-in the run directory (``provenance.json``) and the report.
+level every current x86-64 server CPU has, so one run gives the same bytes on any of them. :func:`apply_runtime`
+pins the thread counts from ``runtime.*``, turns on deterministic algorithms and seeds every RNG;
+:func:`provenance` records all of it with the library versions and the BLAS in the run directory
+(``provenance.json``) and the report.
 """
 
 from __future__ import annotations
