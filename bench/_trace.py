@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
@@ -223,6 +224,28 @@ def _fmt_shapes(args) -> tuple:
     )
 
 
+class _Uploads(TorchFunctionMode):
+    """``t.to(device)`` / ``t.cuda()`` of a host tensor to the traced device: a traced copy that keeps the host value
+    (torch refuses a CUDA target before any dispatch mode sees the call on a build without CUDA)."""
+
+    def __init__(self, tracer: CostTracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.cuda) and args and not isinstance(args[0], TracedTensor):
+            if func is torch.Tensor.cuda:
+                device, dtype = torch.device("cuda"), None
+            else:
+                device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            if device is not None and device.type == self.tracer.device.type != "cpu":
+                host = args[0].to(dtype=dtype or args[0].dtype)
+                return self.tracer.real(host) if host.numel() <= SHADOW_NUMEL else self.tracer.tensor(host.shape,
+                                                                                                       host.dtype)
+        return func(*args, **kwargs)
+
+
 class CostTracer(TorchDispatchMode):
     """Trace a call on :class:`TracedTensor` inputs; see the module docstring.
 
@@ -350,13 +373,17 @@ class CostTracer(TorchDispatchMode):
         for k, v in _CUDA_STUBS.items():
             setattr(torch.cuda, k, v)
         _ACTIVE.append(self)
+        self._uploads = _Uploads(self)
+        self._uploads.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         for k, v in self._saved_cuda.items():
             setattr(torch.cuda, k, v)
         _ACTIVE.remove(self)
-        return super().__exit__(*exc)
+        out = super().__exit__(*exc)
+        self._uploads.__exit__(*exc)
+        return out
 
     def _is_traced_factory(self, kwargs) -> bool:
         dev = kwargs.get("device")

@@ -223,7 +223,8 @@ def _trainer(tr, h, w, y, N, zero_frac=0.0, seed=0):
     tw = (torch.rand(N, generator=g) >= zero_frac).float()
     token_weight = tr.real(tw)
     normalizer = tr.real(tw.sum().reshape(()))  # the step's token count, a device tensor (t3s/train.py)
-    loss = _lce(reduction="mean")(h, w, y, token_weight=token_weight, normalizer=normalizer)
+    active_rows = tr.real(torch.nonzero(tw).reshape(-1))  # built on the host with the batch (t3s/train.py)
+    loss = _lce(reduction="mean")(h, w, y, token_weight=token_weight, normalizer=normalizer, active_rows=active_rows)
     loss.backward()
     return loss, h.grad, w.grad
 

@@ -69,7 +69,7 @@ def test_elementwise_bytes_and_views_free():
     by = {r.name: r for r in tr.records}
     assert by["mul.Tensor"].bytes_read == N * D * 4 and by["mul.Tensor"].bytes_written == N * D * 4
     assert "t.default" not in names
-    assert by["clone.default"].hbm_bytes == 2 * N * D * 4 if "clone.default" in by else True
+    assert by["clone.default"].hbm_bytes == 2 * N * D * 4  # .contiguous() of a transposed view copies
     assert by["add_.Tensor"].bytes_read == N * D * 4 and by["add_.Tensor"].bytes_written == N * D * 4
     assert by["zero_.default"].bytes_read == 0 and by["zero_.default"].bytes_written == N * D * 4
     del c
@@ -101,7 +101,48 @@ def test_shadow_values_item_and_boolean_index():
         rows = h[mask]
     assert n == int((real_y < V // 2).sum())
     assert tuple(rows.shape) == (n, D)
-    assert tr.host_syncs == 1
+    assert tr.syncs == [".item()", "boolean-mask indexing (index)"]
+
+
+SYNCING_OPS = {
+    ".item()": lambda y, h: y[0].item(),
+    "bool(t)": lambda y, h: bool(y[0] > 0),
+    "torch.equal": lambda y, h: torch.equal(y, y),
+    ".tolist()": lambda y, h: y.tolist(),
+    ".numpy()": lambda y, h: y.numpy(),
+    ".cpu()": lambda y, h: y.cpu(),
+    '.to("cpu")': lambda y, h: y.to("cpu"),
+    "copy_ into a host tensor": lambda y, h: torch.empty(N, dtype=y.dtype).copy_(y),
+    "nonzero": lambda y, h: torch.nonzero(y > 5),
+    "argwhere": lambda y, h: torch.argwhere(y > 5),
+    "masked_select": lambda y, h: torch.masked_select(y, y > 5),
+    "boolean-mask indexing": lambda y, h: h[y > 5],
+    "boolean-mask assignment": lambda y, h: h.__setitem__(y > 5, 0.0),
+    "unique": lambda y, h: torch.unique(y),
+    "repeat_interleave without output_size": lambda y, h: torch.repeat_interleave(y % 3),
+}
+
+
+@pytest.mark.parametrize("what", list(SYNCING_OPS))
+def test_every_kind_of_host_sync_is_counted(what):
+    """Each deliberately syncing op is counted, once."""
+    tr, h, _, y = _traced(grad=False)
+    with tr:
+        SYNCING_OPS[what](y, h)
+    assert tr.host_syncs == 1, f"{what}: counted as {tr.syncs}, expected one host sync"
+
+
+def test_sync_free_ops_count_no_sync():
+    """Device-side counterparts of the syncing ops, and a host-to-device upload, count none."""
+    tr, h, _, y = _traced(grad=False)
+    with tr:
+        mask = y > 5
+        h.masked_fill(mask[:, None], 0.0)  # same shape: no host read
+        torch.where(mask, y, -1)
+        torch.repeat_interleave(y % 3, output_size=int(N * 2 + 1) - N - 1)  # the size is a host value here
+        torch.arange(N).to("cuda")  # the batch's upload
+        mask.sum()  # a device scalar, never read
+    assert tr.syncs == [], tr.syncs
 
 
 def test_item_of_an_unknown_value_is_an_error():
