@@ -145,6 +145,7 @@ class KernelCost:
     hbm_bytes: float
     ctas: int
     formula: str
+    l2_bytes: float = 0.0  # operand tile loads served from L2 (re-reads of tiles that stay resident)
 
 
 @dataclass
@@ -183,6 +184,7 @@ class OpRecord:
     ctas: int = 0
     formula: str = ""
     gemm_mnk: tuple[int, int, int] | None = None
+    l2_bytes: float = 0.0  # Triton kernels: operand tile loads from L2 (aten GEMMs: derived from gemm_mnk)
 
     @property
     def hbm_bytes(self) -> float:
@@ -624,7 +626,7 @@ class CostTracer(TorchDispatchMode):
                       if isinstance(v, torch.Tensor) and k in ("h", "x", "hidden")), "")
         self.records.append(OpRecord(
             "triton", name, gemm_flops=cost.dot_flops, bytes_read=cost.hbm_bytes, dtype=dtype,
-            ctas=cost.ctas, formula=cost.formula,
+            ctas=cost.ctas, formula=cost.formula, l2_bytes=cost.l2_bytes,
         ))
 
 
