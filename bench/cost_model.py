@@ -263,13 +263,14 @@ def _lce(**kw):
     return lambda h, w, y, **more: linear_cross_entropy(h, w, y, **kw, **more)
 
 
-def _trainer(tr, h, w, y, N, zero_frac=0.0, seed=0):
+def _trainer(tr, h, w, y, N, zero_frac=0.0, seed=0, **extra):
     g = torch.Generator().manual_seed(seed + 1)
     tw = (torch.rand(N, generator=g) >= zero_frac).float()
     token_weight = tr.real(tw)
     normalizer = tr.real(tw.sum().reshape(()))  # the step's token count, a device tensor (t3s/train.py)
     active_rows = tr.real(torch.nonzero(tw).reshape(-1))  # built on the host with the batch (t3s/train.py)
-    loss = _lce(reduction="mean")(h, w, y, token_weight=token_weight, normalizer=normalizer, active_rows=active_rows)
+    loss = _lce(reduction="mean", **extra)(h, w, y, token_weight=token_weight, normalizer=normalizer,
+                                          active_rows=active_rows)
     loss.backward()
     return loss, h.grad, w.grad
 
@@ -287,11 +288,11 @@ def _none(tr, h, w, y, N):
     return loss, h.grad, w.grad
 
 
-def _forward(tr, h, w, y, N):
+def _forward(tr, h, w, y, N, **extra):
     from t3s_kernels import token_logprobs
 
     with torch.no_grad():
-        out = token_logprobs(h, w, y, return_entropy=True)
+        out = token_logprobs(h, w, y, return_entropy=True, **extra)
     return tuple(out)
 
 
@@ -303,7 +304,14 @@ PATHS = {
         Path("none", "reduction='none' + backward(random grad)", True, 6, _none),
         Path("w50", "trainer call, 50 % zero weight (floor: dense 6NDV)", True, 6,
              lambda tr, h, w, y, N: _trainer(tr, h, w, y, N, zero_frac=0.5)),
-        Path("forward", "token_logprobs + entropy, no_grad (profiler)", False, 2, _forward),
+        Path("trainer_fp32acc", "trainer call, weight_grad_accumulation='fp32' (exact dW, opt-in)", True, 6,
+             lambda tr, h, w, y, N: _trainer(tr, h, w, y, N, weight_grad_accumulation="fp32")),
+        Path("forward", "token_logprobs + entropy, no_grad (profiler), strategy chosen by the library", False, 2,
+             _forward),
+        Path("forward_fused", "same, strategy='fused' (the fused Triton forward)", False, 2,
+             lambda tr, h, w, y, N: _forward(tr, h, w, y, N, strategy="fused")),
+        Path("forward_sweep", "same, strategy='chunked' (cuBLAS statistics sweep)", False, 2,
+             lambda tr, h, w, y, N: _forward(tr, h, w, y, N, strategy="chunked")),
     )
 }
 
