@@ -74,5 +74,5 @@ echo "== interpreter kernel tests"
 if [ "$#" -eq 0 ]; then
   set -- "${TESTS[@]}"
 fi
-TRITON_INTERPRET=1 PYTHONPATH="$PWD" "$py" -m pytest -q -x -p no:cacheprovider "$@" || status=1
+TRITON_INTERPRET=1 PYTHONPATH="$PWD" "$py" -m pytest -q -p no:cacheprovider "$@" || status=1
 exit "$status"
