@@ -1,18 +1,16 @@
-"""AOT-compile, for sm_90a, the Triton launches the profiler and the trainer's call make at an LLM shape.
+"""AOT-compile, for sm_90a, the Triton launches the profiler's forward makes at an LLM shape.
 
 ``tests/kernels/_aot_compile.py`` compiles every kernel family at a small shape (N = 64, D = 64); the tile choice,
 the vocabulary splits and the loop bounds of the fused forward depend on N and D, so this compiles the launches of
-
-* ``profiler``: ``score_batch``'s call, ``token_logprobs(hidden[:, :-1], W, y, return_entropy=True)`` under
-  ``no_grad``, hidden ``[1, N + 1, D]`` (a strided view, as the profiler passes it), no bias, no softcap;
-* ``trainer``: ``linear_cross_entropy(h, W, y, token_weight=w, reduction="mean")`` forward and backward;
-
-at N = 4096, D = 4096, V = 151936, bf16, and prints one line per distinct launch in ``_aot_compile``'s format
+``score_batch``'s call, ``token_logprobs(hidden[:, :-1], W, y, return_entropy=True)`` under ``no_grad`` (hidden
+``[1, N + 1, D]``, a strided view as the profiler passes it, no bias, no softcap) at N = 4096, D = 4096,
+V = 151936, bf16, and prints one line per distinct launch in ``_aot_compile``'s format
 (``REG``, ``STACK`` = spill bytes, ``SMEM``, ``WARPS``, ``STAGES``, ``CTAS/SM``). Nothing runs: the launches are
-captured from the public calls on CPU tensors (``torch.empty``: ~1.3 GB of host memory, never written) and compiled.
+captured from the public call on CPU tensors (``torch.empty``: ~1.3 GB of host memory) and compiled. (The training
+calls are not captured this way: their chunked path runs its cuBLAS GEMMs as torch ops, on the CPU here.)
 
-Usage: ``python scripts/aot_llm_shape.py [profiler|trainer ...]`` (without ``TRITON_INTERPRET``; repo root on
-``PYTHONPATH``). Exit 1 on a spill.
+Usage: ``python scripts/aot_llm_shape.py`` (without ``TRITON_INTERPRET``; repo root on ``PYTHONPATH``). Exit 1 on a
+spill.
 """
 
 from __future__ import annotations
@@ -27,58 +25,42 @@ sys.path.insert(0, str(ROOT / "tests" / "kernels"))
 N, D, V = 4096, 4096, 151936
 
 
-def _calls(which: str):
+def _profiler_call():
     import torch
 
-    from t3s_kernels.linear_ce import linear_cross_entropy, token_logprobs
+    from t3s_kernels.linear_ce import token_logprobs
 
     hidden = torch.empty(1, N + 1, D, dtype=torch.bfloat16)
     w = torch.empty(V, D, dtype=torch.bfloat16)
     y = torch.zeros(1, N, dtype=torch.int64)
-
-    def profiler():
-        with torch.no_grad():
-            token_logprobs(hidden[:, :-1], w, y, return_entropy=True, impl="triton")
-
-    def trainer():
-        h = hidden[0, :N].clone().requires_grad_()
-        ww = w.detach().requires_grad_()
-        loss = linear_cross_entropy(h, ww, y[0], token_weight=torch.ones(N), reduction="mean", impl="triton")
-        loss.backward()
-
-    return {"profiler": profiler, "trainer": trainer}[which]
+    with torch.no_grad():
+        token_logprobs(hidden[:, :-1], w, y, return_entropy=True, impl="triton")
 
 
-def main(argv: list[str]) -> int:
+def main() -> int:
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
     import _aot_compile as aot
 
     import t3s_kernels._triton as tt
 
-    bad = 0
-    for which in argv or ["profiler", "trainer"]:
-        real_runs_on = tt.triton_runs_on
-        tt.triton_runs_on = lambda device: True  # CPU tensors reach the Triton launchers; nothing is launched
-        try:
-            launches = aot._capture_launches(_calls(which))
-        except Exception as exc:  # noqa: BLE001 - a host step the capture cannot pass (reported, not hidden)
-            print(f"{which}: capture failed: {type(exc).__name__}: {exc}", flush=True)
-            bad += 1
+    real_runs_on = tt.triton_runs_on
+    tt.triton_runs_on = lambda device: True  # CPU tensors reach the Triton launchers; nothing is launched
+    try:
+        launches = aot._capture_launches(_profiler_call)
+    finally:
+        tt.triton_runs_on = real_runs_on
+    bad, seen = 0, set()
+    for fn, args, kwargs in launches:
+        key = (fn.__name__, repr(sorted((k, aot._spec_key(v)) for k, v in kwargs.items())))
+        if key in seen:
             continue
-        finally:
-            tt.triton_runs_on = real_runs_on
-        seen = set()
-        for fn, args, kwargs in launches:
-            key = (fn.__name__, repr(sorted((k, aot._spec_key(v)) for k, v in kwargs.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            u = aot._compile_launch(fn, args, kwargs)
-            print(f"{fn.__name__} {which} REG {u['REG']} STACK {u['STACK']} SMEM {u['SMEM']} WARPS {u['WARPS']} "
-                  f"STAGES {u['STAGES']} CTAS/SM {u['CTAS']}", flush=True)
-            bad += u["STACK"] > 0
+        seen.add(key)
+        u = aot._compile_launch(fn, args, kwargs)
+        print(f"{fn.__name__} profiler REG {u['REG']} STACK {u['STACK']} SMEM {u['SMEM']} WARPS {u['WARPS']} "
+              f"STAGES {u['STAGES']} CTAS/SM {u['CTAS']}", flush=True)
+        bad += u["STACK"] > 0
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

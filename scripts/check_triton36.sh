@@ -6,7 +6,8 @@
 #    (~530 MB, CUDA 13 build) is installed WITHOUT its nvidia / cuda-toolkit dependencies (~3 GB) when torch imports
 #    without them; otherwise the dependencies are installed too. No GPU is needed: torch runs on the CPU.
 # 2. AOT-compiles every launched kernel configuration for sm_90a (tests/kernels/_aot_compile.py: registers,
-#    stack = spills, shared memory, warps, stages, programs per SM) into $REPORT_DIR/aot_<family>.txt.
+#    stack = spills, shared memory, warps, stages, programs per SM) into $REPORT_DIR/aot_<family>.txt, and the
+#    profiler's forward at an LLM shape (scripts/aot_llm_shape.py) into $REPORT_DIR/aot_profiler.txt.
 # 3. Runs the interpreter kernel tests (TRITON_INTERPRET=1) under triton 3.6.
 #
 # Usage: scripts/check_triton36.sh [pytest args ...]   (default: the kernel tests listed in TESTS below)
@@ -69,6 +70,16 @@ for family in lce union_mask; do
   fi
   cat "$REPORT_DIR/aot_$family.txt"
 done
+
+echo "== AOT compile for sm_90a: the profiler's forward at N = D = 4096, V = 151936 (scripts/aot_llm_shape.py)"
+if env -u TRITON_INTERPRET PYTHONPATH="$PWD" "$py" scripts/aot_llm_shape.py >"$REPORT_DIR/aot_profiler.txt" \
+    2>"$REPORT_DIR/aot_profiler.err"; then
+  echo "ok"
+else
+  echo "FAILED (exit $?): see $REPORT_DIR/aot_profiler.err"
+  status=1
+fi
+cat "$REPORT_DIR/aot_profiler.txt"
 
 echo "== interpreter kernel tests"
 if [ "$#" -eq 0 ]; then
