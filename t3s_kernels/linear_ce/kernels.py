@@ -29,12 +29,12 @@ Kernels (``N`` rows of ``hidden [N, D]``, ``V`` rows of ``weight [V, D]``; ``z =
 * ``_lce_chunk_row_kernel`` — the chunked path (:mod:`.chunked`): one program per row of a cuBLAS fp32 logits
   chunk; statistics relative to the row max (``lse``, ``nll``, smoothing and entropy terms), then ``dx`` in the
   input dtype for per-row coefficients (gradient-in-forward or recompute backward). It also serves the fused
-  strategy's optional chunked backward (``T3S_FUSED_BACKWARD=chunked``).
+  strategy's optional chunked backward (``T3S_FUSED_BACKWARD=chunked``, driven from :mod:`.function`).
 
 Cost model: the recompute kernels read-modify-write an fp32 ``[BLOCK_N, D]`` (``dh``) or ``[BLOCK_V, D]`` (``dW``)
 slab once per tile of the other axis, so at LLM shapes (D = 4096, V = 152k) they are bandwidth-bound (~0.6 TB of
 fp32 traffic each at N = 32k) and give deterministic, bit-reproducible gradients. The chunked path costs 6·n·D·V
-(8·n·D·V for per-token outputs) at cuBLAS speed over the n active rows; ``api.FUSED_MAX_FLOPS`` is the rule.
+(8·n·D·V for per-token outputs) at cuBLAS speed over the n active rows; ``dispatch.FUSED_MAX_FLOPS`` is the rule.
 
 Outputs of the primitive: ``(lse, nll = lse − z_y, Σz, entropy)``; its backward maps ``g_nll`` to ``g_lse += g_nll``,
 ``g_tgt = −g_nll`` (see :class:`~.function.LinearTokenStatsFunction`).
@@ -63,6 +63,7 @@ __all__ = [
     "lce_chunk_rows",
     "lce_stats_bwd",
     "lce_stats_fwd",
+    "scale_unless_one",
 ]
 
 _AUTOTUNE = os.environ.get("T3S_AUTOTUNE", "0") == "1"
@@ -561,6 +562,42 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# upstream-gradient scaling of gradients formed in the forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_unless_one_kernel(x, scale, n, BLOCK: tl.constexpr):
+    """``x *= scale`` over ``n`` contiguous elements, a no-op when the device scalar ``scale`` is 1: every program
+    reads the scalar first and returns at once (a loss's ``backward()`` seeds 1, so the common call costs one
+    scalar read per program instead of a pass over ``x``, with no host sync). Grid-stride loop."""
+    b_s = tl.load(scale).to(tl.float32)
+    if b_s == 1.0:
+        return
+    pid = tl.program_id(0).to(tl.int64)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for o0 in range(pid * BLOCK, n, step):
+        o = o0 + tl.arange(0, BLOCK)
+        m = o < n
+        b_x = tl.load(x + o, mask=m, other=0.0)
+        tl.store(x + o, (b_x.to(tl.float32) * b_s).to(b_x.dtype), mask=m)
+
+
+_SCALE_BLOCK = 4096
+_SCALE_MAX_PROGRAMS = 1024
+
+
+def scale_unless_one(x: torch.Tensor, scale: torch.Tensor) -> None:
+    """In place ``x *= scale`` (``scale``: a one-element device tensor) that costs no pass over ``x`` when
+    ``scale == 1``; no host read."""
+    if x.numel() == 0:
+        return
+    assert x.is_contiguous(), "scale_unless_one takes a contiguous tensor"
+    grid = (min(_SCALE_MAX_PROGRAMS, triton.cdiv(x.numel(), _SCALE_BLOCK)),)
+    _scale_unless_one_kernel[grid](x, scale.reshape(1), x.numel(), BLOCK=_SCALE_BLOCK)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # host launchers
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -739,9 +776,11 @@ def lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts):
 
 def lce_stats_bwd(
     hidden, weight, bias, targets, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
-    *, need_dh: bool, need_dw: bool, need_db: bool,
+    *, need_dh: bool, need_dw: bool, need_db: bool, dw_dtype: torch.dtype | None = None,
 ):
-    """Recompute backward of the primitive for arbitrary per-token upstream gradients (any may be ``None``)."""
+    """Recompute backward of the primitive for arbitrary per-token upstream gradients (any may be ``None``).
+    ``dW`` accumulates in fp32 and is returned in ``dw_dtype`` (default ``weight``'s; fp32 for fp32 master
+    weights: the accumulator itself)."""
     N, D = hidden.shape
     V = weight.shape[0]
 
@@ -749,11 +788,6 @@ def lce_stats_bwd(
         return None if g is None else g.detach().float().contiguous()
 
     g_lse, g_tgt, g_sumz, g_ent = prep(g_lse), prep(g_tgt), prep(g_sumz), prep(g_ent)
-    if fused_backward_mode() == "chunked":
-        return _lce_stats_bwd_chunked(
-            hidden, weight, bias, targets, (g_lse, g_tgt, g_sumz, g_ent), opts,
-            need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-        )
     args = _common(hidden, weight, bias, targets, opts)
     args.update(
         row_order=row_order, n_active=n_active, lse=lse, ent=ent if ent is not None else lse,
@@ -783,7 +817,7 @@ def lce_stats_bwd(
             ),
             hidden.dtype,
         )
-        dw = dw_acc.to(weight.dtype) if need_dw else None
+        dw = dw_acc.to(dw_dtype or weight.dtype) if need_dw else None
         db = db_acc.to(bias.dtype) if need_db else None
     return dh, dw, db
 
@@ -825,24 +859,3 @@ def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, g, *, softcap, tempera
         HAS_G_ENT=write_dx and g.g_ent is not None, HAS_G_LSE2=write_dx and g.g_lse2 is not None,
         **chunk_row_block(V),
     )
-
-
-def _lce_stats_bwd_chunked(hidden, weight, bias, targets, g, opts, *, need_dh, need_dw, need_db):
-    """Backward of the primitive through the chunked path (:mod:`.chunked`): active rows compacted (one host read
-    of their count), fp32 logits sub-chunks, the row kernel recomputes the statistics and writes ``dx``, torch
-    GEMMs for ``dh`` / ``dW`` (6·n·D·V FLOPs, bounded workspace)."""
-    from . import chunked
-
-    g_lse, g_tgt, g_sumz, g_ent = g
-    idx = chunked.active_row_index(targets != opts.ignore_index, None)
-    zero = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-
-    def take(t, default=None):
-        t = t if t is not None else default
-        return None if t is None else (t if idx is None else t.index_select(0, idx))
-
-    grads = chunked.RowGrads(take(g_lse, zero), take(g_tgt, zero), take(g_sumz), take(g_ent))
-    copts = chunked.ChunkedOptions(softcap=opts.softcap, temperature=opts.temperature, row_impl="triton")
-    _, dh, dw, db = chunked._sweep(hidden, weight, bias, targets, idx, copts, stats=True, grads=grads,
-                                   need_dh=need_dh, need_dw=need_dw, need_db=need_db)
-    return dh, dw, db
