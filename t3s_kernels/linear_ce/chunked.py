@@ -104,6 +104,8 @@ class Stats(NamedTuple):
     nll: torch.Tensor  # lse − z_y, formed relative to the row max
     smooth: torch.Tensor | None  # lse − Σ z / V
     entropy: torch.Tensor | None  # −Σ p log p
+    row_max: torch.Tensor | None = None  # max z and log Σ e^{z − max} (Triton rows: what a recompute forms p from;
+    log_s: torch.Tensor | None = None  # the torch rows recompute log_softmax itself)
 
 
 class RowGrads(NamedTuple):
@@ -282,25 +284,26 @@ def _rows_torch(z, scratch, y, bias, opts: ChunkedOptions, V: int, *, stats: boo
 
 
 def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_in, ent_in, g: RowGrads | None,
-                 dx_out):
+                 dx_out, rel_in=None):
     from . import kernels as K
 
     k = z.shape[0]
     f32 = dict(dtype=torch.float32, device=z.device)
     want_ent = opts.want_entropy or (g is not None and g.g_ent is not None)
     if stats:
-        lse, nll = torch.empty(k, **f32), torch.empty(k, **f32)
+        lse, nll, rmax, logs = (torch.empty(k, **f32) for _ in range(4))
         smooth = torch.empty(k, **f32) if opts.want_smooth else None
         ent = torch.empty(k, **f32) if want_ent else None
     else:
         lse, nll, smooth, ent = lse_in, None, None, ent_in
+        rmax, logs = rel_in
     K.lce_chunk_rows(
-        z, dx_out, bias, y, lse, ent, nll, smooth, g, softcap=opts.softcap, temperature=opts.temperature,
-        compute_stats=stats, want_smooth=opts.want_smooth, want_entropy=want_ent,
+        z, dx_out, bias, y, lse, ent, nll, smooth, rmax, logs, g, softcap=opts.softcap,
+        temperature=opts.temperature, compute_stats=stats, want_smooth=opts.want_smooth, want_entropy=want_ent,
     )
     if not stats:
         return None
-    return Stats(lse, nll, smooth, ent if opts.want_entropy else None)
+    return Stats(lse, nll, smooth, ent if opts.want_entropy else None, rmax, logs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,9 +335,10 @@ def _logits_fp32(out: torch.Tensor, h_c: torch.Tensor, w_c: torch.Tensor) -> Non
 
 
 def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, grads: RowGrads | None,
-           lse_in=None, ent_in=None, need_dh=False, need_dw=False, need_db=False):
+           lse_in=None, ent_in=None, rel_in=None, need_dh=False, need_dw=False, need_db=False):
     """One pass over the active rows (``idx``: compact index or ``None`` = all rows). ``stats``: compute the row
-    statistics (else ``lse_in`` / ``ent_in``, compact, replace them); ``grads``: compact per-row coefficients of
+    statistics (else ``lse_in`` / ``ent_in`` and, for the Triton rows, ``rel_in = (row max, log s)``, compact,
+    replace them); ``grads``: compact per-row coefficients of
     ``dlogits`` (``g_lse2`` uses the row's own LSE). Returns ``(Stats | None, dh, dw, db)``."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -357,8 +361,10 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
         db_acc = torch.zeros(V, **f32)
     st = None
     if stats:
+        rel = opts.row_impl == "triton"
         st = [torch.empty(n, **f32), torch.empty(n, **f32),
-              torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None]
+              torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None,
+              torch.empty(n, **f32) if rel else None, torch.empty(n, **f32) if rel else None]
     if n == 0:
         return _finish(st, dh, dw_acc, db_acc, weight, bias)
 
@@ -400,6 +406,7 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
                 z, scratch, y_c[j0:j1], b32, opts, V, stats=stats,
                 lse_in=lse_in[sl] if lse_in is not None else None, ent_in=ent_in[sl] if ent_in is not None else None,
                 g=grads.take(sl) if with_dx else None, dx_out=dx_big[j0:j1] if with_dx else None,
+                rel_in=None if rel_in is None else (rel_in[0][sl], rel_in[1][sl]),
             )
             if stats:
                 for buf, val in zip(st, s_out):
@@ -433,9 +440,10 @@ def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) 
     return weight.to(compute).to(gemm)
 
 
-def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out):
+def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out, rel_in):
     if opts.row_impl == "triton":
-        return _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out)
+        return _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out,
+                            rel_in=rel_in)
     k = z.shape[0]  # views of the scratch rows: an out= of the wrong shape would be resized (reallocated)
     return _rows_torch(z, [t[:k] for t in scratch], y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in,
                        g=g, dx_out=dx_out)
@@ -511,9 +519,10 @@ def sweep_gradients(hidden, weight, bias, y, idx, grads: RowGrads, opts: Chunked
 
 
 def recompute_backward(hidden, weight, bias, y, idx, lse, ent, g_nll, g_lse, g_smooth, g_ent, opts: ChunkedOptions,
-                       *, need_dh, need_dw, need_db):
+                       *, need_dh, need_dw, need_db, rel=None):
     """Backward of the per-token statistics ``(nll, lse, smooth, entropy)`` (``[N]`` upstream gradients, any may be
-    ``None``) from the stored ``lse`` / ``ent`` (``[N]``), recomputing the logits chunk by chunk: 8·n·D·V FLOPs in
+    ``None``) from the stored ``lse`` / ``ent`` (``[N]``) and, for the Triton rows, the forward's compact
+    ``rel = (row max, log s)`` (``p`` relative to the max), recomputing the logits chunk by chunk: 8·n·D·V FLOPs in
     total with the forward. Returns ``(dh, dw, db)``."""
     V = weight.shape[0]
     zero = None
@@ -531,6 +540,7 @@ def recompute_backward(hidden, weight, bias, y, idx, lse, ent, g_nll, g_lse, g_s
     )
     _, dh, dw, db = _sweep(
         hidden, weight, bias, y, idx, opts, stats=False, grads=grads, lse_in=_gather(lse, idx),
-        ent_in=_gather(ent, idx) if ge is not None else None, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+        ent_in=_gather(ent, idx) if ge is not None else None, rel_in=rel, need_dh=need_dh, need_dw=need_dw,
+        need_db=need_db,
     )
     return dh, dw, db

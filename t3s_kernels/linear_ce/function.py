@@ -62,10 +62,11 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         k = _kernels()
         row_order, n_active = k.active_rows(targets, opts.ignore_index)
         w_k = _kernel_weight(weight, hidden)
-        lse, nll, sumz, ent = k.lce_stats_fwd(hidden, w_k, bias, targets, row_order, n_active, opts)
+        lse, nll, sumz, ent, rmax, logs = k.lce_stats_fwd(hidden, w_k, bias, targets, row_order, n_active, opts,
+                                                          keep_relative=True)
         ctx.opts = opts
         ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(hidden, w_k, bias, targets, row_order, n_active, lse, ent)
+        ctx.save_for_backward(hidden, w_k, bias, targets, row_order, n_active, rmax, logs, ent)
         ctx.set_materialize_grads(False)
         outs = [lse, nll]
         if opts.want_sumz:
@@ -77,7 +78,7 @@ class LinearTokenStatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         opts: StatsOptions = ctx.opts
-        hidden, weight, bias, targets, row_order, n_active, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, targets, row_order, n_active, rmax, logs, ent = ctx.saved_tensors
         grads = list(grads)
         g_lse, g_nll = grads[0], grads[1]
         # nll = lse − z_y: its gradient adds to the LSE's and enters the target logit's with the opposite sign
@@ -97,7 +98,7 @@ class LinearTokenStatsFunction(torch.autograd.Function):
             )
             return dh, dw if dw is None else dw.to(ctx.weight_dtype), db, None, None
         dh, dw, db = k.lce_stats_bwd(
-            hidden, weight, bias, targets, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
+            hidden, weight, bias, targets, row_order, n_active, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
             need_dh=need_dh, need_dw=need_dw, need_db=need_db, dw_dtype=ctx.weight_dtype,
         )
         return dh, dw, db, None, None
@@ -181,17 +182,18 @@ class ChunkedStatsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, idx, opts: ChunkedOptions):
         N = hidden.shape[0]
         st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
-        full = [None if t is None else chunked.scatter_rows(t, idx, N) for t in st]
+        full = [None if t is None else chunked.scatter_rows(t, idx, N) for t in st[:4]]
         ent_compact = st.entropy
         ctx.opts = opts
-        ctx.save_for_backward(hidden, weight, bias, targets, idx, full[0], full[3] if ent_compact is not None else None)
+        ctx.save_for_backward(hidden, weight, bias, targets, idx, full[0], full[3] if ent_compact is not None else None,
+                              st.row_max, st.log_s)
         ctx.set_materialize_grads(False)
         return tuple(t for t in full if t is not None)
 
     @staticmethod
     def backward(ctx, *grads):
         opts: ChunkedOptions = ctx.opts
-        hidden, weight, bias, targets, idx, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, targets, idx, lse, ent, row_max, log_s = ctx.saved_tensors
         grads = list(grads)
         g_lse, g_nll = grads[0], grads[1]
         g_smooth = grads[2] if opts.want_smooth else None
@@ -201,7 +203,7 @@ class ChunkedStatsFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         dh, dw, db = chunked.recompute_backward(
             hidden, weight, bias, targets, idx, lse, ent, g_nll, g_lse, g_smooth, g_ent, opts,
-            need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db, rel=None if row_max is None else (row_max, log_s),
         )
         return dh, dw, db, None, None, None
 
@@ -219,7 +221,7 @@ def chunked_token_stats(hidden, weight, bias, targets, idx, opts: ChunkedOptions
         return nll, lse, smooth, ent
     with torch.no_grad():
         st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
-    lse, nll, smooth, ent = (None if t is None else chunked.scatter_rows(t, idx, N) for t in st)
+    lse, nll, smooth, ent = (None if t is None else chunked.scatter_rows(t, idx, N) for t in st[:4])
     return nll, lse, smooth, ent
 
 
