@@ -66,6 +66,8 @@ private to a CTA every time it is loaded):
   ``COMPUTE_STATS`` one pass reading the row ``rows·V·s_x``; ``WRITE_DX`` one more read and a ``dx`` write
   ``rows·V·(s_x + s_dx)`` (a 600 KB fp32 row × 132 CTAs exceeds L2, so every pass streams from HBM); no
   tensor-core work. A statistics-only launch is one pass, not three.
+* ``_scale_unless_one_kernel`` (``x *= scale`` unless the device scalar is 1, the backward's ``grad_output``):
+  ``2·n·s`` (read + write) when the traced scale is not 1 or unknown; one scalar read per program when it is 1.
 * L2 bytes of the fused kernels (every operand tile a CTA loads): forward ``rb·nv·(BN + BV)·D·s``; ``dh``
   ``rb·nv·(BN + 2·BV)·D·s`` (``h`` and ``W`` tiles for the logits, ``W`` again for ``dx·W``); ``dW``
   ``nv·rb·(BV + 2·BN)·D·s``.
@@ -234,7 +236,19 @@ def _chunk_rows(L: Launch) -> KernelCost:
     return KernelCost(0.0, float(hbm), rows, how)
 
 
+def _scale_unless_one(L: Launch) -> KernelCost:
+    """``x *= scale`` unless the device scalar is 1: a pass over ``x`` (read + write) or one scalar read per
+    program. An unknown scale is priced as the pass (the worse case)."""
+    x, scale = L.args["x"], L.args["scale"]
+    known = getattr(scale, "_shadow", None)
+    is_one = known is not None and float(known.reshape(-1)[0]) == 1.0
+    n = int(L.args["n"])
+    hbm = 4.0 * L.grid[0] if is_one else 2.0 * n * _itemsize(x)
+    return KernelCost(0.0, hbm, L.grid[0], "scalar read only (scale 1)" if is_one else "read + write of x")
+
+
 KERNEL_FORMULAS.update({
+    "_scale_unless_one_kernel": _scale_unless_one,
     "_lce_stats_fwd_kernel": _fused_fwd,
     "_lce_bwd_dh_kernel": _fused_dh,
     "_lce_bwd_dw_kernel": _fused_dw,
@@ -291,8 +305,9 @@ def _none(tr, h, w, y, N):
 def _forward(tr, h, w, y, N, **extra):
     from t3s_kernels import token_logprobs
 
+    active_rows = tr.real(torch.arange(N))  # every row scored, indexed on the host (as t3s/profile.py does)
     with torch.no_grad():
-        out = token_logprobs(h, w, y, return_entropy=True, **extra)
+        out = token_logprobs(h, w, y, return_entropy=True, active_rows=active_rows, **extra)
     return tuple(out)
 
 

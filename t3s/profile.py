@@ -141,6 +141,8 @@ def score_batch(
     Args:
         model: a Hugging Face causal LM (anything with ``get_decoder()`` and ``get_output_embeddings()``).
         input_ids, labels: ``[B, L]`` long; labels unshifted (the HF convention), ``-100`` where not scored.
+            ``labels`` on the host (as a data loader yields them) lets the scored rows be indexed there: no host
+            sync on a GPU; on the device the kernel counts them (one sync).
         attention_mask: ``[B, L]`` (right padding), a 4-D mask (packed rows), or None.
         position_ids: ``[B, L]`` (packed rows: restarting at 0 per document), or None.
         return_entropy: also return the entropy of the predictive distribution at those positions.
@@ -155,6 +157,10 @@ def score_batch(
     head = lm_head(model)
     hidden = trunk_hidden_states(model, input_ids, attention_mask, position_ids)
     # Position j is predicted from the hidden state at j - 1.
+    scored = labels[:, 1:] != IGNORE_INDEX
+    # labels still on the host (where the batch is born): the scored rows are indexed there, so the kernel's
+    # statistics sweep reads no count back from the device; device labels leave it to the kernel (one sync)
+    active_rows = torch.nonzero(scored.reshape(-1)).reshape(-1).to(hidden.device) if not labels.is_cuda else None
     targets = labels[:, 1:].to(hidden.device)
     out = token_logprobs(
         hidden[:, :-1],
@@ -165,6 +171,7 @@ def score_batch(
         softcap=head.softcap,
         temperature=head.temperature,
         return_entropy=return_entropy,
+        active_rows=active_rows,
     )
     batch, length = labels.shape
     logprob = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
@@ -466,8 +473,8 @@ def _score_part(
             input_ids[r, :n] = torch.tensor(example.input_ids)
             labels[r, :n] = torch.tensor(example.labels)
             attention_mask[r, :n] = 1
-        logprob, entropy = score_batch(
-            model, input_ids.to(device), labels.to(device), attention_mask.to(device), return_entropy=return_entropy
+        logprob, entropy = score_batch(  # labels stay on the host: score_batch indexes the scored rows there
+            model, input_ids.to(device), labels, attention_mask.to(device), return_entropy=return_entropy
         )
         logprob = logprob.cpu().numpy()
         entropy = entropy.cpu().numpy() if entropy is not None else None

@@ -262,7 +262,7 @@ def test_profiler_scoring_has_no_host_sync(monkeypatch):
     monkeypatch.setattr(profile, "lm_head", lambda model: head)
     monkeypatch.setattr(profile, "trunk_hidden_states", lambda *a, **k: h)
     with tr, tr.triton_launches():
-        logprob, entropy = profile.score_batch(None, ids.to("cuda"), labels.to("cuda"), mask.to("cuda"),
+        logprob, entropy = profile.score_batch(None, ids.to("cuda"), labels, mask.to("cuda"),  # as profile.py
                                                return_entropy=True)
     _assert_no_sync(tr, "profiler score_batch")
     assert tuple(logprob.shape) == (CALLER_B, CALLER_T) and entropy is not None
