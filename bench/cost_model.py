@@ -37,7 +37,8 @@ overhead, events in sequence (one stream). Every figure, with its source (``--ge
   5120 B/clk L2 read bandwidth at ~1.4 GHz. Every operand tile a kernel loads passes through L2: Triton kernels
   per their formula below; cuBLAS GEMMs with a 128×256 CTA tile in 2-CTA clusters that multicast the shared
   operand (ASSUMPTION: CUTLASS 3's default sm_90 bf16 configuration), ``s·K·(M·⌈N/256⌉ + N·⌈M/128⌉/2)`` bytes.
-* Launch overhead: 4 µs per op. ASSUMPTION (kernel launch plus the gap between dependent kernels on one stream).
+* Launch overhead: 4 µs per op that moves data or computes (an allocation launches nothing). ASSUMPTION (kernel
+  launch plus the gap between dependent kernels on one stream).
 
 These are PREDICTIONS: the GPU script (``bench/gpu_check.sh``) puts measurements beside them. The worst plausible
 case is priced by ``--gemm-eff 0.70 --triton-eff 0.50 --hbm-eff 0.70 --l2-tbs 5.5`` (the README quotes both).
@@ -144,6 +145,8 @@ def l2_bytes(rec) -> float:
 
 def event_ms(rec, gpu: GPU) -> float:
     """Predicted milliseconds of one traced event on ``gpu``."""
+    if not (rec.gemm_flops or rec.hbm_bytes or rec.l2_bytes):  # an allocation (torch.empty): no kernel launched
+        return 0.0
     half = rec.dtype in ("bfloat16", "float16")
     peak = (gpu.bf16_tflops if half else gpu.fp32_tflops) * 1e12
     mem_s = rec.hbm_bytes / (gpu.hbm_tbs * 1e12 * gpu.hbm_eff)

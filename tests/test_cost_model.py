@@ -183,6 +183,7 @@ def test_event_time_is_a_roofline():
     copy = OpRecord("aten", "copy", bytes_read=1e9, bytes_written=1e9)
     assert cost_model.event_ms(copy, gpu) == pytest.approx(2e9 / (gpu.hbm_tbs * 1e12 * gpu.hbm_eff) * 1e3 + 4e-3)
     assert gpu.hbm_eff == 0.75  # issue 25: not 0.85
+    assert cost_model.event_ms(OpRecord("aten", "empty.memory_format"), gpu) == 0.0  # allocation: no launch
     # a kernel re-reading its operands from L2 more than its FLOPs take is bound by L2
     l2 = OpRecord("triton", "k", gemm_flops=1e9, dtype="bfloat16", ctas=132, l2_bytes=1e11)
     assert cost_model.event_ms(l2, gpu) == pytest.approx(1e11 / (gpu.l2_tbs * 1e12) * 1e3 + 4e-3)
