@@ -8,7 +8,8 @@ for (``shared/DESIGN.md`` "Strategy and speed", issues 8 and 10):
 * ``reduction="none"`` + backward recomputes at most once: ≤ 8·N·D·V;
 * the forward log-prob pass issues 2·N·D·V;
 * the largest live temporaries beyond inputs and gradient outputs stay ≤ 1 GiB at N = 32768, D = 4096,
-  V = 151936 (bf16) on every training path (issue 25: strict xfail until the dW contract lands);
+  V = 151936 (bf16) on every training path in default settings (issue 25's dW contract: bf16 weights accumulate
+  in bf16 per super-chunk);
 * the cost model predicts ≤ 1.2× the three-GEMM floor for the trainer's call on H100 and H200, and (issue 25's
   goals, strict xfails while open) ≤ 1.15× on H100 and ≤ 1.15× one GEMM for the forward (PREDICTIONS from traced
   counts, see ``bench/cost_model.py``);
@@ -78,10 +79,6 @@ def test_forward_logprobs_issues_two_ndv():
     assert 1.95 <= _ndv(s, BIG_N) <= 2.05, f"{_ndv(s, BIG_N):.2f}·N·D·V"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 25, open: with bf16 weights the default dW accumulation holds an fp32 [V, D] accumulator (2.32 GiB at "
-    "V=151936, D=4096) and, at the end, its bf16 cast output at once; the contract accumulates in the weight dtype "
-    "by default (branch i25-kernels)"))
 @pytest.mark.parametrize("path", ["trainer", "mean", "none", "w50"])
 def test_training_workspace_is_at_most_1_gib(path):
     s = traced(path, BIG_N)
@@ -113,9 +110,9 @@ def test_predicted_half_zero_weight_time_at_most_0_6_of_unmasked():
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 25, open: the trainer's call reads and writes the fp32 [V, D] dW accumulator once per 1536-row "
-    "super-chunk (addmm into fp32: ~55 of 176 GB of HBM traffic at N=16384) and casts it at the end; accumulating "
-    "in the weight dtype by default (branch i25-kernels) removes both"))
+    "issue 25, open: between the GEMMs, on one stream, the Triton row kernel reads each fp32 logits sub-chunk twice "
+    "and writes bf16 dlogits (~50 GB of HBM traffic at N=32768, ~14 ms on an H100): ~1.16x the three-GEMM floor "
+    "predicted; bf16 logits sub-chunks or a row pass fused into the GEMM epilogue would close it"))
 @pytest.mark.parametrize("N", [16384, BIG_N])
 def test_predicted_trainer_within_1_15_of_the_floor_on_h100(N):
     row = cost_model.predict("trainer", N, D, V, {"h100": cost_model.GPUS["h100"]}, traced("trainer", N))
@@ -123,9 +120,9 @@ def test_predicted_trainer_within_1_15_of_the_floor_on_h100(N):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 25, open: a no_grad call always takes the fused Triton forward (t3s_kernels/linear_ce/api.py), whose "
-    "128x128 tiles load an h block and a W tile from L2 per (row block, V tile) pair: L2-bound, ~1.77x one GEMM "
-    "predicted; routing large calls to the cuBLAS statistics sweep (branch i25-kernels) meets the goal"))
+    "issue 25, open: LLM-sized no_grad calls take the cuBLAS statistics sweep (the fused Triton forward is L2-bound, "
+    "~1.77x), whose row kernel re-reads every fp32 logits sub-chunk once after its GEMM, on one stream (~20 GB at "
+    "N=32768): ~1.18x one GEMM on an H100, ~1.13x on an H200 predicted"))
 @pytest.mark.parametrize("N", [4096, BIG_N])
 def test_predicted_forward_within_1_15_of_one_gemm(N):
     _assert_predicted_within("forward", N, 1.15, "one GEMM")
