@@ -308,7 +308,8 @@ def _none(tr, h, w, y, N):
 def _forward(tr, h, w, y, N, **extra):
     from t3s_kernels import token_logprobs
 
-    active_rows = tr.real(torch.arange(N))  # every row scored, indexed on the host (as t3s/profile.py does)
+    # every row scored, indexed on the host as t3s/profile.py does (on a CPU device nothing is synced: not passed)
+    active_rows = tr.real(torch.arange(N)) if tr.device.type != "cpu" else None
     with torch.no_grad():
         out = token_logprobs(h, w, y, return_entropy=True, active_rows=active_rows, **extra)
     return tuple(out)
