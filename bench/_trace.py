@@ -13,8 +13,15 @@ own dispatch (``impl="auto"`` → Triton on CUDA) takes the path it takes on a G
 
 Small integer / float tensors (targets, weights, masks, counts: at most :data:`SHADOW_NUMEL` elements) also carry
 a real CPU *shadow* computed op by op from the caller's real values, so data-dependent steps (``.item()``,
-``nonzero``, boolean indexing, a device-side active-row count read by a kernel) follow the real data. Each host read
-(``_local_scalar_dense``) is counted as a host synchronisation.
+``nonzero``, boolean indexing, a device-side active-row count read by a kernel) follow the real data.
+
+Host synchronisations (:attr:`CostTracer.syncs`, one entry per event, named by the op): every op whose result the
+host must wait for on a GPU — a host read (``.item()`` / ``_local_scalar_dense``, ``bool(t)``, ``torch.equal``),
+``.tolist()`` / ``.numpy()``, a device-to-host copy (``.cpu()``, ``.to("cpu")``, ``cpu_tensor.copy_(t)``), and the
+ops whose output *shape* depends on device data (``nonzero`` / ``argwhere``, ``masked_select``, boolean-mask
+indexing ``x[mask]`` and ``x[mask] = v``, ``unique``, ``repeat_interleave`` without ``output_size``). A
+host-to-device copy (``t.to("cuda")`` of a host tensor, the batch's upload) is not a sync: the traced copy keeps the
+host value as its shadow.
 
 While tracing, ``torch.cuda``'s device queries answer for an H100 / H200 (132 SMs, 50 MiB of L2, sm_90), so code
 that sizes its grid from the device sees the machine the model predicts for. Triton launches cannot run on ``meta``
@@ -35,6 +42,7 @@ from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
@@ -56,6 +64,9 @@ _NO_BYTES_FACTORIES = {aten.empty.memory_format, aten.empty_strided.default, ate
                        aten.new_empty.default, aten.new_empty_strided.default}
 _BIG = 1 << 20
 _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+# ops whose output shape depends on device data: the host waits for the device to learn it
+_SHAPE_SYNC_OPS = {aten.nonzero, aten.masked_select, aten.unique_dim, aten._unique, aten._unique2,
+                   aten.unique_consecutive, aten.unique_dim_consecutive, aten.equal, aten.is_nonzero}
 _METADATA = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
              aten.is_contiguous.default, aten.is_contiguous.memory_format, aten.sym_is_contiguous.default,
              aten._assert_async.msg, aten._assert_async.default}
@@ -69,6 +80,9 @@ _CUDA_STUBS = {
     "get_device_capability": lambda device=None: (9, 0),
     "current_device": lambda: 0,
 }
+
+
+_ACTIVE: list[CostTracer] = []  # the tracers entered, innermost last (TracedTensor's host reads report to it)
 
 
 class TracedTensor(torch.Tensor):
@@ -101,6 +115,21 @@ class TracedTensor(torch.Tensor):
     def __repr__(self) -> str:
         return f"TracedTensor({tuple(self.shape)}, {self.dtype}, device={self._dev})"
 
+    def _host_value(self, what: str, count: bool = True) -> torch.Tensor:
+        """The value a device-to-host read returns (counted as a sync by the active tracer unless ``count`` is
+        False: the caller counted it)."""
+        if count and _ACTIVE:
+            _ACTIVE[-1]._sync(what)
+        if self._shadow is None:
+            raise RuntimeError(f"a host read ({what}) of a tensor whose value the tracer does not know")
+        return self._shadow
+
+    def tolist(self):
+        return self._host_value("tolist").tolist()
+
+    def numpy(self, *, force: bool = False):
+        return self._host_value("numpy").numpy()
+
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
@@ -116,6 +145,7 @@ class KernelCost:
     hbm_bytes: float
     ctas: int
     formula: str
+    l2_bytes: float = 0.0  # operand tile loads served from L2 (re-reads of tiles that stay resident)
 
 
 @dataclass
@@ -154,6 +184,7 @@ class OpRecord:
     ctas: int = 0
     formula: str = ""
     gemm_mnk: tuple[int, int, int] | None = None
+    l2_bytes: float = 0.0  # Triton kernels: operand tile loads from L2 (aten GEMMs: derived from gemm_mnk)
 
     @property
     def hbm_bytes(self) -> float:
@@ -195,12 +226,35 @@ def _fmt_shapes(args) -> tuple:
     )
 
 
+class _Uploads(TorchFunctionMode):
+    """``t.to(device)`` / ``t.cuda()`` of a host tensor to the traced device: a traced copy that keeps the host value
+    (torch refuses a CUDA target before any dispatch mode sees the call on a build without CUDA)."""
+
+    def __init__(self, tracer: CostTracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.cuda) and args and not isinstance(args[0], TracedTensor):
+            if func is torch.Tensor.cuda:
+                device, dtype = torch.device("cuda"), None
+            else:
+                device, dtype, _, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+            if device is not None and device.type == self.tracer.device.type != "cpu":
+                host = args[0].to(dtype=dtype or args[0].dtype)
+                return self.tracer.real(host) if host.numel() <= SHADOW_NUMEL else self.tracer.tensor(host.shape,
+                                                                                                       host.dtype)
+        return func(*args, **kwargs)
+
+
 class CostTracer(TorchDispatchMode):
     """Trace a call on :class:`TracedTensor` inputs; see the module docstring.
 
     Use :meth:`tensor` / :meth:`real` to make inputs, then ``with tracer, tracer.triton_launches(): ...``.
-    After the call: :attr:`records`, :attr:`host_syncs`, :meth:`peak_bytes` (optionally excluding the storages of
-    tensors that are the call's outputs, e.g. gradients).
+    After the call: :attr:`records`, :attr:`syncs` (the host synchronisations, by op; :attr:`host_syncs` their
+    count), :meth:`peak_bytes` (optionally excluding the storages of tensors that are the call's outputs, e.g.
+    gradients).
     """
 
     def __init__(self, device: str | torch.device = "cuda"):
@@ -209,7 +263,7 @@ class CostTracer(TorchDispatchMode):
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)
         self.records: list[OpRecord] = []
-        self.host_syncs = 0
+        self.syncs: list[str] = []
         self._allocs: list[_Alloc] = []
         self._live: dict[int, int] = {}  # storage key -> index into _allocs
         self._clock = 0
@@ -225,6 +279,37 @@ class CostTracer(TorchDispatchMode):
         """An input whose (small) real value is known: a CPU shadow travels with it."""
         elem = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
         return TracedTensor(elem, self.device, shadow=value.clone(), requires_grad=requires_grad)
+
+    @property
+    def host_syncs(self) -> int:
+        return len(self.syncs)
+
+    def _sync(self, what: str) -> None:
+        if self.device.type != "cpu":  # on a CPU device a host read waits for nothing
+            self.syncs.append(what)
+
+    def _is_sync(self, func, args, kwargs) -> str | None:
+        """The name of the host synchronisation ``func`` is on a GPU, or None (see the module docstring)."""
+        if self.device.type == "cpu":  # nothing to wait for
+            return None
+        packet = func._overloadpacket
+        if packet in _SHAPE_SYNC_OPS:
+            return packet.__name__
+        if packet is aten.repeat_interleave and kwargs.get("output_size") is None:
+            repeats = args[0] if func is aten.repeat_interleave.Tensor else args[1] if len(args) > 1 else None
+            if isinstance(repeats, TracedTensor):
+                return "repeat_interleave without output_size"
+        if packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+            if any(isinstance(ix, torch.Tensor) and ix.dtype in (torch.bool, torch.uint8) for ix in args[1] if
+                   ix is not None):
+                return f"boolean-mask indexing ({packet.__name__})"
+        if packet in (aten._to_copy, aten.to) and self.device.type != "cpu" and isinstance(args[0], TracedTensor):
+            target = kwargs.get("device")
+            if target is not None and torch.device(target).type == "cpu":
+                return "device-to-host copy (.cpu())"
+        if packet is aten.copy_ and not isinstance(args[0], TracedTensor) and isinstance(args[1], TracedTensor):
+            return "device-to-host copy (copy_)"
+        return None
 
     # ------------------------------------------------------------------------------------------------- memory
 
@@ -289,12 +374,18 @@ class CostTracer(TorchDispatchMode):
         self._saved_cuda = {k: getattr(torch.cuda, k) for k in _CUDA_STUBS}
         for k, v in _CUDA_STUBS.items():
             setattr(torch.cuda, k, v)
+        _ACTIVE.append(self)
+        self._uploads = _Uploads(self)
+        self._uploads.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         for k, v in self._saved_cuda.items():
             setattr(torch.cuda, k, v)
-        return super().__exit__(*exc)
+        _ACTIVE.remove(self)
+        out = super().__exit__(*exc)
+        self._uploads.__exit__(*exc)
+        return out
 
     def _is_traced_factory(self, kwargs) -> bool:
         dev = kwargs.get("device")
@@ -308,17 +399,21 @@ class CostTracer(TorchDispatchMode):
         traced_in = [a for a in flat_in if isinstance(a, TracedTensor)]
         factory = False
         if not traced_in:
+            if self._is_upload(func, args, kwargs):
+                host = args[0].to(kwargs.get("dtype") or args[0].dtype)
+                return self.real(host) if host.numel() <= SHADOW_NUMEL else self.tensor(host.shape, host.dtype)
             has_tensor = any(isinstance(a, torch.Tensor) for a in flat_in)
             is_factory = not has_tensor and any(a.name == "device" for a in func._schema.arguments)
             if not (is_factory and self._is_traced_factory(kwargs)):
                 return func(*args, **kwargs)  # host-side work on real tensors: not the call's device cost
             factory = True
         if func is aten._local_scalar_dense.default:
-            self.host_syncs += 1
-            t = args[0]
-            if t._shadow is None:
-                raise RuntimeError("a host read (.item()) of a tensor whose value the tracer does not know")
-            return t._shadow.item()
+            return args[0]._host_value(".item()").item()
+        sync = self._is_sync(func, args, kwargs)
+        if sync is not None:
+            self._sync(sync)
+            if sync.startswith("device-to-host"):
+                return self._download(func, args, kwargs)
         if func in _METADATA:
             return func(*tree_map(_elem, args), **tree_map(_elem, kwargs))
         self._clock += 1
@@ -375,6 +470,20 @@ class CostTracer(TorchDispatchMode):
 
         self._account(func, args, kwargs, flat_res, traced_in, mutated, factory)
         return result
+
+    def _is_upload(self, func, args, kwargs) -> bool:
+        """A host tensor copied to the traced device (``t.to("cuda")``): the batch's upload, not a sync."""
+        target = kwargs.get("device")
+        return (func._overloadpacket is aten._to_copy and target is not None and self.device.type != "cpu"
+                and torch.device(target).type == self.device.type and isinstance(args[0], torch.Tensor)
+                and args[0].device.type == "cpu")
+
+    def _download(self, func, args, kwargs):
+        """A device-to-host copy: the host gets the traced value (an error where the tracer does not know it)."""
+        if func._overloadpacket is aten.copy_:
+            return args[0].copy_(args[1]._host_value("copy_ to the host", count=False))
+        value = args[0]._host_value(".cpu()", count=False)
+        return value.to(dtype=kwargs.get("dtype") or value.dtype, copy=True)
 
     def _shadow_call(self, func, args, kwargs):
         def sh(x):
@@ -517,7 +626,7 @@ class CostTracer(TorchDispatchMode):
                       if isinstance(v, torch.Tensor) and k in ("h", "x", "hidden")), "")
         self.records.append(OpRecord(
             "triton", name, gemm_flops=cost.dot_flops, bytes_read=cost.hbm_bytes, dtype=dtype,
-            ctas=cost.ctas, formula=cost.formula,
+            ctas=cost.ctas, formula=cost.formula, l2_bytes=cost.l2_bytes,
         ))
 
 

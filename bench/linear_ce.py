@@ -7,6 +7,9 @@ others; ratios stay against the dense floor). Providers:
 
 * ``t3s``: :func:`t3s_kernels.linear_cross_entropy` as a caller gets it (no strategy named);
 * ``t3s_chunked`` / ``t3s_fused``: the same with ``strategy="chunked" | "fused"``;
+* ``t3s_dw_fp32`` / ``t3s_dw_wdtype``: the same with ``weight_grad_accumulation="fp32" | "weight_dtype"`` (the
+  two dW accumulation modes);
+* ``t3s_hf``: the HF Trainer / TRL loss call (``T3SCausalLM.compute_loss`` with the collator's ``active_rows``);
 * ``torch``: materialised bf16 logits + ``F.cross_entropy(logits.float(), y)`` (the Hugging Face path);
 * ``torch_lce``: ``torch.nn.functional.linear_cross_entropy`` with ``LinearCrossEntropyOptions()`` (chunked);
 * ``liger``: ``liger_kernel`` ``LigerFusedLinearCrossEntropyLoss``;
@@ -60,7 +63,9 @@ from bench.common import (
 BENCH = "linear_ce"
 NS = (4096, 16384, 32768)
 SHAPES = ((4096, 151936), (2048, 151936), (4096, 128256), (2304, 256000))
-PROVIDERS = ("t3s", "t3s_chunked", "t3s_fused", "torch", "torch_lce", "liger", "cce", "cce_exact")
+DW_MODES = {"t3s_dw_fp32": "fp32", "t3s_dw_wdtype": "weight_dtype"}  # provider -> weight_grad_accumulation
+PROVIDERS = ("t3s", "t3s_chunked", "t3s_fused", *DW_MODES, "t3s_hf", "torch", "torch_lce", "liger", "cce",
+             "cce_exact")
 VARIANTS = ("all", "w1", "w50")
 CPU_PROVIDERS = ("t3s", "torch", "torch_lce")
 
@@ -78,6 +83,11 @@ def make_loss_fn(provider: str, h, w, y, tw) -> Callable[[], torch.Tensor]:
 
         if provider == "t3s":  # what a caller gets: no strategy named
             return lambda: linear_cross_entropy(h, w, y, token_weight=tw)
+        if provider in DW_MODES:
+            mode = DW_MODES[provider]
+            return lambda: linear_cross_entropy(h, w, y, token_weight=tw, weight_grad_accumulation=mode)
+        if provider == "t3s_hf":
+            return _hf_trainer_loss(h, w, y, tw)
         strategy = provider.split("_", 1)[1]
         return lambda: linear_cross_entropy(h, w, y, token_weight=tw, strategy=strategy)
     if provider == "torch":
@@ -101,6 +111,25 @@ def make_loss_fn(provider: str, h, w, y, tw) -> Callable[[], torch.Tensor]:
             raise Unavailable(f"cut_cross_entropy: {exc}") from exc
         return lambda: cce_lce(h, w, y_masked, impl=provider)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def _hf_trainer_loss(h, w, y, tw) -> Callable[[], torch.Tensor]:
+    """The HF Trainer's loss call: ``T3SCausalLM.compute_loss`` on ``[1, N, D]`` hidden states, with the labels,
+    weights and ``active_rows`` a :class:`~t3s.integrations.hf_trainer.SelectionCollator` builds on the host and
+    the Trainer's device ``num_items_in_batch``. The trunk is not run (the head's cost only)."""
+    from types import SimpleNamespace
+
+    from t3s.integrations.hf_trainer import T3SCausalLM, T3SCausalLMOutput, scored_rows
+
+    labels = y.masked_fill(tw == 0, -100) if tw is not None else y
+    labels = labels.reshape(1, -1)
+    weight = (labels != -100).float()
+    active = scored_rows(labels.cpu()).to(h.device)  # the collator's, built before the step (not timed)
+    n_items = (labels[:, 1:] != -100).sum()
+    model = SimpleNamespace(_head_tensors=lambda hidden: (hidden, w, None), ignore_index=-100, label_smoothing=0.0,
+                            z_loss=0.0, softcap=None, temperature=1.0, impl="auto", strategy="auto")
+    out = T3SCausalLMOutput(hidden_states=h.view(1, *h.shape), token_weight=weight, active_rows=active)
+    return lambda: T3SCausalLM.compute_loss(model, out, labels, num_items_in_batch=n_items)
 
 
 def _inputs(N: int, D: int, V: int, dtype, device, variant: str, seed: int = 0):

@@ -5,6 +5,8 @@ Providers:
 
 * ``t3s``: :func:`t3s_kernels.token_logprobs` with ``return_entropy=True`` (one fused pass);
 * ``t3s_logp``: the same without entropy;
+* ``t3s_fused`` / ``t3s_sweep``: ``t3s`` with ``strategy="fused"`` (the fused Triton forward) | ``"chunked"`` (the
+  cuBLAS statistics sweep): the two forward strategies the library chooses between;
 * ``torch``: materialised logits, ``log_softmax`` in fp32, gather, entropy from the same log-probs;
 * ``torch_chunked``: the same in a Python loop over 4096-row chunks (what most RL codebases do);
 * ``liger_scaled``: Liger's ``LigerFusedLinearScaledCrossEntropyFunction`` (per-token NLL + entropy; CuTe DSL on
@@ -47,7 +49,7 @@ from bench.common import (
 BENCH = "token_logprobs"
 NS = (8192, 32768)
 SHAPES = ((4096, 151936), (2048, 151936))
-PROVIDERS = ("t3s", "t3s_logp", "torch", "torch_chunked", "liger_scaled", "liger_flce")
+PROVIDERS = ("t3s", "t3s_logp", "t3s_fused", "t3s_sweep", "torch", "torch_chunked", "liger_scaled", "liger_flce")
 CPU_PROVIDERS = ("t3s", "torch", "torch_chunked")
 TORCH_CHUNK = 4096
 
@@ -66,6 +68,11 @@ def make_fn(provider: str, h, w, y, chunk: int = TORCH_CHUNK) -> Callable[[], ob
 
         ent = provider == "t3s"
         return lambda: token_logprobs(h, w, y, return_entropy=ent)
+    if provider in ("t3s_fused", "t3s_sweep"):
+        from t3s_kernels import token_logprobs
+
+        strategy = "fused" if provider == "t3s_fused" else "chunked"
+        return lambda: token_logprobs(h, w, y, return_entropy=True, strategy=strategy)
     if provider == "torch":
         return lambda: _torch_logprobs(h, w, y)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.11 if present) and installs t3s with its test, Hugging Face and cross-check extras.
 # torch is installed first as the CPU wheel 2.13.0 so pip never pulls a multi-GB CUDA build; on a GPU machine
-# install the torch build you want before running this (an existing torch >= 2.5 is kept).
+# install the torch build you want before running this (an existing torch >= 2.11 is kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}

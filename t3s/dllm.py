@@ -203,29 +203,32 @@ def prepare_dllm_batch(
         raise ValueError("dllm.mask_token_id is required (the tokenizer has no mask_token_id)")
     ids = batch["input_ids"]
     dev = torch.device(device) if device is not None else ids.device
-    ids = ids.to(dev)
+    # the mask is drawn where the batch was born (the host, for a data loader's batch), so the count of its
+    # active rows is a host value: the loss then reads nothing back from the device (no sync per micro-batch)
+    host = ids.device
     if ids.dim() != 2:
         raise ValueError(f"batch['input_ids'] must be [B, L], got {tuple(ids.shape)}")
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("batch['labels'] is required (-100 on prompt and pad marks what is never masked)")
-    labels = labels.to(dev)
+    labels = labels.to(host)
     if labels.shape != ids.shape:
         raise ValueError(f"batch['labels'] must have shape {tuple(ids.shape)}, got {tuple(labels.shape)}")
     maskable = labels != IGNORE_INDEX
     targets = batch.get("target_mask")
-    targets = targets.to(dev).bool() if targets is not None else None
+    targets = targets.to(host).bool() if targets is not None else None
     B, L = ids.shape
     cu = batch.get("cu_seqlens")
     common = dict(
         block_size=cfg.block_size, mask_token_id=int(cfg.mask_token_id), eps_min=cfg.eps_min, eps_max=cfg.eps_max,
         t_mode=cfg.t_mode, sampler=cfg.sampler, weight_mode=cfg.weight_mode, target_weight=cfg.target_weight,
-        seed=cfg.seed, step=step, token_offset=token_offset, impl=cfg.impl,
+        seed=cfg.seed, step=step, token_offset=token_offset,
+        impl="auto" if cfg.impl == "triton" and host.type != "cuda" else cfg.impl,  # same mask on every backend
     )  # fmt: skip
     if cu is not None:
         if B != 1:
             raise ValueError("a packed batch (cu_seqlens) must have input_ids of shape [1, T]")
-        cu = cu.to(dev).to(torch.int64)
+        cu = cu.to(host).to(torch.int64)
         out = block_diffusion_union_mask(
             ids[0], maskable[0], targets=None if targets is None else targets[0], cu_seqlens=cu, **common
         )
@@ -238,13 +241,17 @@ def prepare_dllm_batch(
         token_doc[token_doc >= n_docs] = -1
     else:
         valid = batch.get("attention_mask")
-        valid = valid.to(dev).bool() if valid is not None else torch.ones_like(maskable)
+        valid = valid.to(host).bool() if valid is not None else torch.ones_like(maskable)
         out = block_diffusion_union_mask(ids, maskable, targets=targets, valid=valid, **common)
-        doc = torch.where(valid, 0, -1 - torch.arange(L, device=dev)).to(torch.int64)
-        doc = doc + torch.zeros(B, 1, dtype=torch.int64, device=dev)
+        doc = torch.where(valid, 0, -1 - torch.arange(L, device=host)).to(torch.int64)
+        doc = doc + torch.zeros(B, 1, dtype=torch.int64, device=host)
         n_docs = B
-        token_doc = torch.arange(B, device=dev).repeat_interleave(L)
+        token_doc = torch.arange(B, device=host).repeat_interleave(L)
     pos = position_ids_from_document_ids(doc)
+    active_rows = torch.nonzero(out.loss_weight.reshape(-1) != 0).reshape(-1)  # a device sync unless host is CPU
+    ids, maskable, doc, pos, token_doc, active_rows = (
+        t.to(dev) for t in (ids, maskable, doc, pos, token_doc, active_rows))
+    out = type(out)(*(t.to(dev) if isinstance(t, torch.Tensor) else t for t in out))
     mask = _build_attention_mask(attn_implementation, cfg.block_size, doc, dtype)
     return PreparedBatch(
         input_ids=ids,
@@ -256,8 +263,7 @@ def prepare_dllm_batch(
         maskable=maskable,
         token_doc=token_doc,
         n_docs=n_docs,
-        # read once here, with the mask, so the loss's chunked path needs no sync of its own mid-step
-        active_rows=torch.nonzero(out.loss_weight.reshape(-1) != 0).reshape(-1),
+        active_rows=active_rows,
     )
 
 
@@ -306,9 +312,9 @@ def dllm_loss(model: nn.Module, prepared: PreparedBatch, cfg: DLLMConfig, normal
     if cfg.normalization == "sequence":
         n_docs = prepared.n_docs
         flat = per_token.reshape(-1)
-        keep = prepared.token_doc >= 0
+        keep = prepared.token_doc >= 0  # tokens outside documents add an exact 0 (no boolean indexing: no sync)
         doc_sum = torch.zeros(n_docs, dtype=flat.dtype, device=flat.device).index_add(
-            0, prepared.token_doc[keep], flat[keep]
+            0, prepared.token_doc.clamp_min(0), torch.where(keep, flat, torch.zeros_like(flat))
         )
         n_resp = prepared.union.doc_counts[:, 0].to(flat.dtype)
         total = torch.where(n_resp > 0, doc_sum / n_resp.clamp_min(1), torch.zeros_like(doc_sum)).sum()

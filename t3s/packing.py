@@ -110,7 +110,7 @@ def score_packed(
         inputs = packed_model_inputs(row, attn)
         mask = inputs["attention_mask"]
         logprob, entropy = score_batch(
-            model, row.input_ids.to(device), row.labels.to(device),
+            model, row.input_ids.to(device), row.labels,  # host labels: the scored rows are indexed there (no sync)
             mask.to(device) if mask is not None else None,
             position_ids=row.position_ids.to(device), return_entropy=return_entropy,
         )

@@ -363,8 +363,8 @@ def _score_part(
             input_ids[r, :n] = torch.tensor(example.input_ids)
             labels[r, :n] = torch.tensor(example.labels)
             attention_mask[r, :n] = 1
-        logprob, entropy = score_batch(
-            model, input_ids.to(device), labels.to(device), attention_mask.to(device), return_entropy=return_entropy
+        logprob, entropy = score_batch(  # labels stay on the host: score_batch indexes the scored rows there
+            model, input_ids.to(device), labels, attention_mask.to(device), return_entropy=return_entropy
         )
         logprob = logprob.cpu().numpy()
         entropy = entropy.cpu().numpy() if entropy is not None else None

@@ -80,6 +80,8 @@ def score_batch(
     Args:
         model: a Hugging Face causal LM (anything with ``get_decoder()`` and ``get_output_embeddings()``).
         input_ids, labels: ``[B, L]`` long; labels unshifted (the HF convention), ``-100`` where not scored.
+            ``labels`` on the host (as a data loader yields them) lets the scored rows be indexed there: no host
+            sync on a GPU; on the device the kernel counts them (one sync).
         attention_mask: ``[B, L]`` (right padding), a 4-D mask (packed rows), or None.
         position_ids: ``[B, L]`` (packed rows: restarting at 0 per document), or None.
         return_entropy: also return the entropy of the predictive distribution at those positions.
@@ -94,6 +96,10 @@ def score_batch(
     head = lm_head(model)
     hidden = trunk_hidden_states(model, input_ids, attention_mask, position_ids)
     # Position j is predicted from the hidden state at j - 1.
+    scored = labels[:, 1:] != IGNORE_INDEX
+    # labels still on the host (where the batch is born): the scored rows are indexed there, so the kernel's
+    # statistics sweep reads no count back from the device; device labels leave it to the kernel (one sync)
+    active_rows = torch.nonzero(scored.reshape(-1)).reshape(-1).to(hidden.device) if not labels.is_cuda else None
     targets = labels[:, 1:].to(hidden.device)
     out = token_logprobs(
         hidden[:, :-1],
@@ -104,6 +110,7 @@ def score_batch(
         softcap=head.softcap,
         temperature=head.temperature,
         return_entropy=return_entropy,
+        active_rows=active_rows,
     )
     batch, length = labels.shape
     logprob = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)

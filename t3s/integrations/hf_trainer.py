@@ -50,7 +50,8 @@ from t3s.data import IGNORE_INDEX, TokenizedExample, collate
 from t3s.select import Selection, apply_selection, load_selection
 from t3s_kernels import FusedLossCausalLM, linear_cross_entropy
 
-__all__ = ["SelectionCollator", "T3SCausalLM", "T3SCausalLMOutput", "t3s_sft_trainer", "tokenized_dataset"]
+__all__ = ["SelectionCollator", "T3SCausalLM", "T3SCausalLMOutput", "scored_rows", "t3s_sft_trainer",
+           "tokenized_dataset"]
 
 
 def tokenized_dataset(examples: Sequence[TokenizedExample]) -> list[dict]:
@@ -70,8 +71,10 @@ class SelectionCollator:
         pad_to_multiple_of: pad the length to a multiple of this.
 
     Each feature needs ``id``, ``input_ids`` and ``labels`` (``-100`` on prompt tokens, unshifted: the tokenization
-    the profile scored). Returns ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where the weight is 0) and
-    ``token_weight`` (``[B, T]`` fp32, aligned with ``labels``).
+    the profile scored). Returns ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where the weight is 0),
+    ``token_weight`` (``[B, T]`` fp32, aligned with ``labels``) and ``active_rows`` (int64 flat indices of the
+    scored positions, computed on the host: the loss then needs no device-to-host read; a batch split along its
+    first dimension after collation, e.g. by accelerate's ``dispatch_batches``, must drop it).
     """
 
     def __init__(self, selection: Selection | str | Path | None, *, pad_token_id: int, strict: bool = True,
@@ -115,16 +118,29 @@ class SelectionCollator:
         batch.pop("target_mask", None)
         batch["labels"] = labels
         batch["token_weight"] = weight * (labels != IGNORE_INDEX)
+        # built here, on the host where the mask is born: the loss gathers these rows without reading a count
+        # back from the device (no host sync per step)
+        batch["active_rows"] = scored_rows(labels)
         return batch
+
+
+def scored_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into ``[B, T]`` of the hidden states the shifted loss scores (row ``t`` predicts
+    ``labels[:, t + 1]``, which is not ``-100``): ``active_rows`` of :func:`t3s_kernels.linear_cross_entropy`."""
+    scored = torch.zeros(labels.shape, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return torch.nonzero(scored.reshape(-1)).reshape(-1)
 
 
 @dataclass
 class T3SCausalLMOutput(ModelOutput):
-    """``loss`` (with ``labels``) or the trunk's ``hidden_states`` and the batch's ``token_weight`` (without)."""
+    """``loss`` (with ``labels``) or the trunk's ``hidden_states``, the batch's ``token_weight`` and ``active_rows``
+    (without)."""
 
     loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     token_weight: torch.Tensor | None = None
+    active_rows: torch.Tensor | None = None
 
 
 class T3SCausalLM(FusedLossCausalLM):
@@ -139,14 +155,15 @@ class T3SCausalLM(FusedLossCausalLM):
     def forward(self, input_ids: torch.Tensor | None = None, *, labels: torch.Tensor | None = None,
                 token_weight: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | float | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **model_kwargs: Any) -> T3SCausalLMOutput:
+                active_rows: torch.Tensor | None = None, **model_kwargs: Any) -> T3SCausalLMOutput:
         model_kwargs.pop("shift_labels", None)  # the loss shifts labels itself
         if labels is not None:
             out = super().forward(input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                                  token_weight=token_weight, num_items_in_batch=num_items_in_batch, **model_kwargs)
+                                  token_weight=token_weight, num_items_in_batch=num_items_in_batch,
+                                  active_rows=active_rows, **model_kwargs)
             return T3SCausalLMOutput(loss=out.loss)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, **model_kwargs)
-        return T3SCausalLMOutput(hidden_states=hidden, token_weight=token_weight)
+        return T3SCausalLMOutput(hidden_states=hidden, token_weight=token_weight, active_rows=active_rows)
 
     def compute_loss(self, outputs: T3SCausalLMOutput, labels: torch.Tensor,
                      num_items_in_batch: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -170,6 +187,7 @@ class T3SCausalLM(FusedLossCausalLM):
             ignore_index=self.ignore_index, reduction="mean", normalizer=normalizer,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             temperature=self.temperature, shift=True, impl=self.impl, strategy=self.strategy,
+            active_rows=getattr(outputs, "active_rows", None),
         )
 
 

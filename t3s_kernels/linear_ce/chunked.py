@@ -28,15 +28,22 @@ rows together. At N = 32768, D = 4096, V = 151936 bf16 on CUDA (768 MiB, Triton 
 (256 MiB, fp32): a 414-row super-chunk the logits GEMM fills directly + one 27-row fp32 scratch block (two with
 softcap).
 
-Weight-gradient accumulation (``weight_grad_accumulation``): the N-outer loop needs a ``[V, D]`` accumulator across
-super-chunks.
+Weight-gradient accumulation (the dW contract; the N-outer loop sums ``dW`` over super-chunks):
 
-* ``"fp32"`` (default, exact): when ``weight`` is fp32 the accumulator *is* the gradient output (no workspace);
-  for half weights it is an fp32 ``[V, D]`` buffer, converted at the end: **V·D·4 bytes of extra workspace**
-  (2.49 GB at V = 151936, D = 4096), above the 1 GB budget — pass fp32 master weights or opt in below.
-* ``"weight_dtype"`` (opt-in, approximate): accumulate straight into the half-precision gradient output (each GEMM
-  still accumulates its ``rows`` rows in fp32 inside cuBLAS, the sum over super-chunks is rounded to the weight
-  dtype once per super-chunk): no extra workspace.
+* **fp32 weights** (also fp32 master weights under a lower-precision compute: ``hidden`` in bf16 / fp16, e.g. under
+  ``torch.autocast``): the GEMMs read the weight rounded to the compute dtype (one cast copy per call on CUDA,
+  V·D·2 bytes, as autocast's own weight cache holds), and ``dW`` accumulates in fp32 **straight into the fp32
+  gradient returned** — exact to fp32 accumulation, no separate accumulator, either mode.
+* **bf16 / fp16 weights**, ``weight_grad_accumulation="weight_dtype"`` (default, as Liger-Kernel and
+  ``torch.nn.functional.linear_cross_entropy``): each super-chunk's GEMM sums its ``rows`` rows in fp32 and adds
+  into the half-precision gradient output, rounding once per super-chunk: no extra workspace.
+* bf16 / fp16 weights, ``"fp32"`` (opt-in): an fp32 ``[V, D]`` accumulator (V·D·4 bytes, 2.49 GB at V = 151936,
+  D = 4096, above the 1 GiB budget); every chunk buffer is freed first and the accumulator is cast into the output
+  in row blocks, so only the accumulator and the output (a returned gradient) are live then.
+
+Measured error of ``dW`` against an fp64 oracle (relative Frobenius, bf16 inputs, N = 4096, D = 256, V = 8192, CPU
+fp32 GEMMs with the default 256 MiB budget = 32 super-chunks; ``python -m t3s_kernels.linear_ce.chunked`` prints
+it): see ``DW_ERROR_MEASURED``.
 
 Active rows: the caller may hand the row index over (``active_rows``); otherwise it is ``nonzero(active)``, one
 host read of the count on CUDA (free on CPU). Rows outside the index contribute exactly nothing (exact zeros in
@@ -64,6 +71,7 @@ __all__ = [
     "plan_chunks",
     "recompute_backward",
     "stats_and_grads",
+    "sweep_gradients",
 ]
 
 MiB = 2**20
@@ -71,7 +79,7 @@ DEFAULT_WORKSPACE_BYTES = {"cuda": 768 * MiB, "cpu": 256 * MiB}
 # CPU torch row routine: fp32 scratch blocks of this many bytes (rows of the super-chunk per row-op call; measured:
 # 16 MiB beat 4 MiB by 1.7x on 2 cores, fewer calls outweigh the L2 misses)
 _CPU_SCRATCH_BYTES = 16 * MiB
-WEIGHT_GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
+WEIGHT_GRAD_ACCUMULATIONS = ("weight_dtype", "fp32")
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ class ChunkedOptions:
     want_smooth: bool = False
     want_entropy: bool = False
     workspace_bytes: int | None = None
-    weight_grad_accumulation: str = "fp32"
+    weight_grad_accumulation: str = "weight_dtype"
     row_impl: str = "torch"
 
 
@@ -96,6 +104,8 @@ class Stats(NamedTuple):
     nll: torch.Tensor  # lse − z_y, formed relative to the row max
     smooth: torch.Tensor | None  # lse − Σ z / V
     entropy: torch.Tensor | None  # −Σ p log p
+    row_max: torch.Tensor | None = None  # max z and log Σ e^{z − max} (Triton rows: what a recompute forms p from;
+    log_s: torch.Tensor | None = None  # the torch rows recompute log_softmax itself)
 
 
 class RowGrads(NamedTuple):
@@ -274,25 +284,26 @@ def _rows_torch(z, scratch, y, bias, opts: ChunkedOptions, V: int, *, stats: boo
 
 
 def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_in, ent_in, g: RowGrads | None,
-                 dx_out):
+                 dx_out, rel_in=None):
     from . import kernels as K
 
     k = z.shape[0]
     f32 = dict(dtype=torch.float32, device=z.device)
     want_ent = opts.want_entropy or (g is not None and g.g_ent is not None)
     if stats:
-        lse, nll = torch.empty(k, **f32), torch.empty(k, **f32)
+        lse, nll, rmax, logs = (torch.empty(k, **f32) for _ in range(4))
         smooth = torch.empty(k, **f32) if opts.want_smooth else None
         ent = torch.empty(k, **f32) if want_ent else None
     else:
         lse, nll, smooth, ent = lse_in, None, None, ent_in
+        rmax, logs = rel_in
     K.lce_chunk_rows(
-        z, dx_out, bias, y, lse, ent, nll, smooth, g, softcap=opts.softcap, temperature=opts.temperature,
-        compute_stats=stats, want_smooth=opts.want_smooth, want_entropy=want_ent,
+        z, dx_out, bias, y, lse, ent, nll, smooth, rmax, logs, g, softcap=opts.softcap,
+        temperature=opts.temperature, compute_stats=stats, want_smooth=opts.want_smooth, want_entropy=want_ent,
     )
     if not stats:
         return None
-    return Stats(lse, nll, smooth, ent if opts.want_entropy else None)
+    return Stats(lse, nll, smooth, ent if opts.want_entropy else None, rmax, logs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,12 +311,20 @@ def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_i
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_ADD_BLOCK_BYTES = 16 * MiB  # fp32 product rows per block when a CPU fp32 GEMM adds into a half accumulator
+
+
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with fp32 accumulation (``acc`` fp32 or, opted in, the weight dtype)."""
+    """``acc += a @ b``, the product summed in fp32 (``acc``: the fp32 output / accumulator, or a half-precision
+    output accumulated in its own dtype)."""
     if a.dtype == acc.dtype:  # addmm.out (not addmm_): FlopCounterMode traces it
         torch.addmm(acc, a, b, out=acc)
-    else:  # CUDA half operands into an fp32 accumulator, no upcast copy (torch >= 2.8)
+    elif acc.dtype == torch.float32:  # CUDA half operands into an fp32 accumulator, no upcast copy (torch >= 2.8)
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # CPU fp32 operands into a half output: fp32 products in bounded row blocks, rounded once when added
+        step = max(1, _ADD_BLOCK_BYTES // (4 * acc.shape[1]))
+        for r0 in range(0, acc.shape[0], step):
+            acc[r0:r0 + step] += a[r0:r0 + step] @ b
 
 
 def _logits_fp32(out: torch.Tensor, h_c: torch.Tensor, w_c: torch.Tensor) -> None:
@@ -316,9 +335,10 @@ def _logits_fp32(out: torch.Tensor, h_c: torch.Tensor, w_c: torch.Tensor) -> Non
 
 
 def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, grads: RowGrads | None,
-           lse_in=None, ent_in=None, need_dh=False, need_dw=False, need_db=False):
+           lse_in=None, ent_in=None, rel_in=None, need_dh=False, need_dw=False, need_db=False):
     """One pass over the active rows (``idx``: compact index or ``None`` = all rows). ``stats``: compute the row
-    statistics (else ``lse_in`` / ``ent_in``, compact, replace them); ``grads``: compact per-row coefficients of
+    statistics (else ``lse_in`` / ``ent_in`` and, for the Triton rows, ``rel_in = (row max, log s)``, compact,
+    replace them); ``grads``: compact per-row coefficients of
     ``dlogits`` (``g_lse2`` uses the row's own LSE). Returns ``(Stats | None, dh, dw, db)``."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -334,20 +354,22 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
     if need_dh:
         dh = (torch.zeros if idx is not None else torch.empty)(N, D, dtype=hidden.dtype, device=dev)
     dw_acc = db_acc = None
-    if need_dw:
-        acc_dtype = weight.dtype if opts.weight_grad_accumulation == "weight_dtype" else torch.float32
+    if need_dw:  # fp32 weights: the accumulator is the fp32 output; half weights: see the dW contract above
+        acc_dtype = torch.float32 if opts.weight_grad_accumulation == "fp32" else weight.dtype
         dw_acc = torch.zeros(V, D, dtype=acc_dtype, device=dev)
     if need_db:
         db_acc = torch.zeros(V, **f32)
     st = None
     if stats:
+        rel = opts.row_impl == "triton"
         st = [torch.empty(n, **f32), torch.empty(n, **f32),
-              torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None]
+              torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None,
+              torch.empty(n, **f32) if rel else None, torch.empty(n, **f32) if rel else None]
     if n == 0:
         return _finish(st, dh, dw_acc, db_acc, weight, bias)
 
     # workspace, allocated once and reused by every chunk
-    w_c = weight if weight.dtype == cdt else weight.to(cdt)  # CPU half inputs only: one fp32 copy of W
+    w_c = _gemm_weight(weight, hidden.dtype, cdt)
     b32 = bias.float() if bias is not None else None
     rows, srows = plan.rows, plan.stats_rows
     big = torch.empty(rows, V, dtype=cdt, device=dev) if (with_dx or plan.direct) else None
@@ -384,6 +406,7 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
                 z, scratch, y_c[j0:j1], b32, opts, V, stats=stats,
                 lse_in=lse_in[sl] if lse_in is not None else None, ent_in=ent_in[sl] if ent_in is not None else None,
                 g=grads.take(sl) if with_dx else None, dx_out=dx_big[j0:j1] if with_dx else None,
+                rel_in=None if rel_in is None else (rel_in[0][sl], rel_in[1][sl]),
             )
             if stats:
                 for buf, val in zip(st, s_out):
@@ -404,22 +427,44 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
             _addmm_fp32(dw_acc, dx_big.t(), h_c)
         if need_db:
             db_acc += dx_big.sum(0, dtype=torch.float32)
+    # the chunk buffers go before the accumulator is cast, so the two never add up
+    del big, zbuf, scratch, hbuf, hcbuf, dhbuf, w_c, h_c, dx_big
     return _finish(st, dh, dw_acc, db_acc, weight, bias)
 
 
-def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out):
+def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) -> torch.Tensor:
+    """The GEMM operand of the weight: rounded to the call's compute dtype (``hidden``'s: fp32 master weights under
+    a bf16 / fp16 compute are read as the compute dtype sees them), in the device's GEMM dtype (fp32 on CPU)."""
+    if weight.dtype == gemm and compute in (gemm, torch.float64):
+        return weight
+    return weight.to(compute).to(gemm)
+
+
+def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out, rel_in):
     if opts.row_impl == "triton":
-        return _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out)
+        return _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out,
+                            rel_in=rel_in)
     k = z.shape[0]  # views of the scratch rows: an out= of the wrong shape would be resized (reallocated)
     return _rows_torch(z, [t[:k] for t in scratch], y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in,
                        g=g, dx_out=dx_out)
+
+
+def _cast_rows(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``acc.to(dtype)`` without a full-size temporary: the output is written in row blocks."""
+    if acc.dtype == dtype:
+        return acc
+    out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+    step = max(1, _ADD_BLOCK_BYTES // (4 * max(1, acc[0].numel()))) if acc.dim() > 1 else acc.shape[0]
+    for r0 in range(0, acc.shape[0], step):
+        out[r0:r0 + step].copy_(acc[r0:r0 + step])
+    return out
 
 
 def _finish(st, dh, dw_acc, db_acc, weight, bias):
     stats = Stats(*st) if st is not None else None
     dw = None
     if dw_acc is not None:
-        dw = dw_acc if dw_acc.dtype == weight.dtype else dw_acc.to(weight.dtype)
+        dw = _cast_rows(dw_acc, weight.dtype)
     db = None
     if db_acc is not None:
         db = db_acc if db_acc.dtype == bias.dtype else db_acc.to(bias.dtype)
@@ -465,10 +510,19 @@ def stats_and_grads(hidden, weight, bias, y, idx, coef, opts: ChunkedOptions, *,
                   need_dh=need_dh, need_dw=need_dw, need_db=need_db)
 
 
+def sweep_gradients(hidden, weight, bias, y, idx, grads: RowGrads, opts: ChunkedOptions, *, need_dh, need_dw,
+                    need_db):
+    """``(dh, dw, db)`` for compact per-row ``dlogits`` coefficients ``grads``, statistics recomputed per chunk."""
+    _, dh, dw, db = _sweep(hidden, weight, bias, y, idx, opts, stats=True, grads=grads,
+                           need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+    return dh, dw, db
+
+
 def recompute_backward(hidden, weight, bias, y, idx, lse, ent, g_nll, g_lse, g_smooth, g_ent, opts: ChunkedOptions,
-                       *, need_dh, need_dw, need_db):
+                       *, need_dh, need_dw, need_db, rel=None):
     """Backward of the per-token statistics ``(nll, lse, smooth, entropy)`` (``[N]`` upstream gradients, any may be
-    ``None``) from the stored ``lse`` / ``ent`` (``[N]``), recomputing the logits chunk by chunk: 8·n·D·V FLOPs in
+    ``None``) from the stored ``lse`` / ``ent`` (``[N]``) and, for the Triton rows, the forward's compact
+    ``rel = (row max, log s)`` (``p`` relative to the max), recomputing the logits chunk by chunk: 8·n·D·V FLOPs in
     total with the forward. Returns ``(dh, dw, db)``."""
     V = weight.shape[0]
     zero = None
@@ -486,6 +540,7 @@ def recompute_backward(hidden, weight, bias, y, idx, lse, ent, g_nll, g_lse, g_s
     )
     _, dh, dw, db = _sweep(
         hidden, weight, bias, y, idx, opts, stats=False, grads=grads, lse_in=_gather(lse, idx),
-        ent_in=_gather(ent, idx) if ge is not None else None, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+        ent_in=_gather(ent, idx) if ge is not None else None, rel_in=rel, need_dh=need_dh, need_dw=need_dw,
+        need_db=need_db,
     )
     return dh, dw, db

@@ -61,9 +61,12 @@ class LinearTokenStatsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, opts: StatsOptions):
         k = _kernels()
         row_order, n_active = k.active_rows(targets, opts.ignore_index)
-        lse, nll, sumz, ent = k.lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts)
+        w_k = _kernel_weight(weight, hidden)
+        lse, nll, sumz, ent, rmax, logs = k.lce_stats_fwd(hidden, w_k, bias, targets, row_order, n_active, opts,
+                                                          keep_relative=True)
         ctx.opts = opts
-        ctx.save_for_backward(hidden, weight, bias, targets, row_order, n_active, lse, ent)
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(hidden, w_k, bias, targets, row_order, n_active, rmax, logs, ent)
         ctx.set_materialize_grads(False)
         outs = [lse, nll]
         if opts.want_sumz:
@@ -75,7 +78,7 @@ class LinearTokenStatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         opts: StatsOptions = ctx.opts
-        hidden, weight, bias, targets, row_order, n_active, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, targets, row_order, n_active, rmax, logs, ent = ctx.saved_tensors
         grads = list(grads)
         g_lse, g_nll = grads[0], grads[1]
         # nll = lse − z_y: its gradient adds to the LSE's and enters the target logit's with the opposite sign
@@ -87,11 +90,53 @@ class LinearTokenStatsFunction(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if all(g is None for g in (g_lse, g_tgt, g_sumz, g_ent)) or not (need_dh or need_dw or need_db):
             return None, None, None, None, None
-        dh, dw, db = _kernels().lce_stats_bwd(
-            hidden, weight, bias, targets, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
-            need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+        k = _kernels()
+        if k.fused_backward_mode() == "chunked":
+            dh, dw, db = _fused_backward_chunked(
+                hidden, weight, bias, targets, (g_lse, g_tgt, g_sumz, g_ent), opts,
+                need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+            )
+            return dh, dw if dw is None else dw.to(ctx.weight_dtype), db, None, None
+        dh, dw, db = k.lce_stats_bwd(
+            hidden, weight, bias, targets, row_order, n_active, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db, dw_dtype=ctx.weight_dtype,
         )
         return dh, dw, db, None, None
+
+
+def _kernel_weight(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The fused kernels read one operand dtype: fp32 master weights under a half compute are cast once (the
+    gradient still accumulates in fp32 and is returned in fp32, see ``lce_stats_bwd``'s ``dw_dtype``)."""
+    return weight if weight.dtype == hidden.dtype else weight.detach().to(hidden.dtype)
+
+
+def _fused_backward_chunked(hidden, weight, bias, targets, g, opts: StatsOptions, *, need_dh, need_dw, need_db):
+    """Backward of the fused primitive through the chunked sweep (``T3S_FUSED_BACKWARD=chunked``): active rows
+    compacted (one host read of their count on CUDA), cuBLAS logits sub-chunks, the row kernel recomputes the
+    statistics and writes ``dx``, torch GEMMs for ``dh`` / ``dW`` (bounded workspace)."""
+    g_lse, g_tgt, g_sumz, g_ent = (None if t is None else t.detach().float() for t in g)
+    idx = chunked.active_row_index(targets != opts.ignore_index, None)
+    zero = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+
+    def take(t, default=None):
+        t = t if t is not None else default
+        return None if t is None else (t if idx is None else t.index_select(0, idx))
+
+    grads = chunked.RowGrads(take(g_lse, zero), take(g_tgt, zero), take(g_sumz), take(g_ent))
+    copts = ChunkedOptions(softcap=opts.softcap, temperature=opts.temperature, row_impl="triton",
+                           weight_grad_accumulation="fp32")
+    return chunked.sweep_gradients(hidden, weight, bias, targets, idx, grads, copts,
+                                   need_dh=need_dh, need_dw=need_dw, need_db=need_db)
+
+
+def _scale_by_upstream(t: torch.Tensor, g_loss: torch.Tensor) -> None:
+    """``t *= g_loss`` in place, skipped when ``g_loss`` is 1 (``loss.backward()``): on CPU the host reads it for
+    free; on CUDA a Triton kernel reads it on the device and returns at once (no pass over ``dW``, no sync)."""
+    if t.device.type == "cpu":
+        if float(g_loss) != 1.0:
+            t.mul_(g_loss.to(t.dtype))
+        return
+    _kernels().scale_unless_one(t, g_loss.detach().float())
 
 
 class ChunkedCEFunction(torch.autograd.Function):
@@ -123,12 +168,10 @@ class ChunkedCEFunction(torch.autograd.Function):
                 "once; retain_graph=True / a second backward through the same loss is not supported"
             )
         del ctx.grads
-        out = []
         for t in grads:
             if t is not None:
-                t.mul_(g_loss.to(t.dtype))
-            out.append(t)
-        return out[0], out[1], out[2], None, None, None, None
+                _scale_by_upstream(t, g_loss)
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 class ChunkedStatsFunction(torch.autograd.Function):
@@ -139,17 +182,18 @@ class ChunkedStatsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, idx, opts: ChunkedOptions):
         N = hidden.shape[0]
         st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
-        full = [None if t is None else chunked.scatter_rows(t, idx, N) for t in st]
+        full = [None if t is None else chunked.scatter_rows(t, idx, N) for t in st[:4]]
         ent_compact = st.entropy
         ctx.opts = opts
-        ctx.save_for_backward(hidden, weight, bias, targets, idx, full[0], full[3] if ent_compact is not None else None)
+        ctx.save_for_backward(hidden, weight, bias, targets, idx, full[0], full[3] if ent_compact is not None else None,
+                              st.row_max, st.log_s)
         ctx.set_materialize_grads(False)
         return tuple(t for t in full if t is not None)
 
     @staticmethod
     def backward(ctx, *grads):
         opts: ChunkedOptions = ctx.opts
-        hidden, weight, bias, targets, idx, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, targets, idx, lse, ent, row_max, log_s = ctx.saved_tensors
         grads = list(grads)
         g_lse, g_nll = grads[0], grads[1]
         g_smooth = grads[2] if opts.want_smooth else None
@@ -159,7 +203,7 @@ class ChunkedStatsFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         dh, dw, db = chunked.recompute_backward(
             hidden, weight, bias, targets, idx, lse, ent, g_nll, g_lse, g_smooth, g_ent, opts,
-            need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+            need_dh=need_dh, need_dw=need_dw, need_db=need_db, rel=None if row_max is None else (row_max, log_s),
         )
         return dh, dw, db, None, None, None
 
@@ -177,7 +221,7 @@ def chunked_token_stats(hidden, weight, bias, targets, idx, opts: ChunkedOptions
         return nll, lse, smooth, ent
     with torch.no_grad():
         st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
-    lse, nll, smooth, ent = (None if t is None else chunked.scatter_rows(t, idx, N) for t in st)
+    lse, nll, smooth, ent = (None if t is None else chunked.scatter_rows(t, idx, N) for t in st[:4])
     return nll, lse, smooth, ent
 
 
@@ -202,7 +246,7 @@ def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backen
         k = _kernels()
         row_order, n_active = k.active_rows(targets, opts.ignore_index)
         with torch.no_grad():
-            return k.lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts)
+            return k.lce_stats_fwd(hidden, _kernel_weight(weight, hidden), bias, targets, row_order, n_active, opts)
     outs = list(LinearTokenStatsFunction.apply(hidden, weight, bias, targets, opts))
     lse, nll = outs[0], outs[1]
     sumz = outs[2] if opts.want_sumz else None

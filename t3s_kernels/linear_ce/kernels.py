@@ -29,12 +29,12 @@ Kernels (``N`` rows of ``hidden [N, D]``, ``V`` rows of ``weight [V, D]``; ``z =
 * ``_lce_chunk_row_kernel`` — the chunked path (:mod:`.chunked`): one program per row of a cuBLAS fp32 logits
   chunk; statistics relative to the row max (``lse``, ``nll``, smoothing and entropy terms), then ``dx`` in the
   input dtype for per-row coefficients (gradient-in-forward or recompute backward). It also serves the fused
-  strategy's optional chunked backward (``T3S_FUSED_BACKWARD=chunked``).
+  strategy's optional chunked backward (``T3S_FUSED_BACKWARD=chunked``, driven from :mod:`.function`).
 
 Cost model: the recompute kernels read-modify-write an fp32 ``[BLOCK_N, D]`` (``dh``) or ``[BLOCK_V, D]`` (``dW``)
 slab once per tile of the other axis, so at LLM shapes (D = 4096, V = 152k) they are bandwidth-bound (~0.6 TB of
 fp32 traffic each at N = 32k) and give deterministic, bit-reproducible gradients. The chunked path costs 6·n·D·V
-(8·n·D·V for per-token outputs) at cuBLAS speed over the n active rows; ``api.FUSED_MAX_FLOPS`` is the rule.
+(8·n·D·V for per-token outputs) at cuBLAS speed over the n active rows; ``dispatch.FUSED_MAX_FLOPS`` is the rule.
 
 Outputs of the primitive: ``(lse, nll = lse − z_y, Σz, entropy)``; its backward maps ``g_nll`` to ``g_lse += g_nll``,
 ``g_tgt = −g_nll`` (see :class:`~.function.LinearTokenStatsFunction`).
@@ -63,6 +63,7 @@ __all__ = [
     "lce_chunk_rows",
     "lce_stats_bwd",
     "lce_stats_fwd",
+    "scale_unless_one",
 ]
 
 _AUTOTUNE = os.environ.get("T3S_AUTOTUNE", "0") == "1"
@@ -168,21 +169,23 @@ def _lce_online_stats(
 
 @triton.jit
 def _lce_dx(
-    b_z, b_th, m_v, o_v, b_y, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, inv_temp,
+    b_z, b_th, m_v, o_v, b_y, b_m, b_ls, b_gl, b_gt, b_gs, b_ge, b_h, inv_temp,
     HAS_SOFTCAP: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
 ):
     """dL/dx (fp32) of a tile from ``_lce_transform``'s ``(z, tanh)``; per-row operands come broadcast to the tile.
 
-    ``dz = g_lse·p + g_tgt·[v = y] (+ g_sumz) (− g_ent·p·(z − Σ p z))``, ``p = e^{z − lse}`` (0 where ``m_v`` is
-    false), ``dx = dz / temperature (· (1 − tanh²))``; the target entry is formed in fp32 (no ``p_y − 1``
-    cancellation).
+    ``dz = g_lse·p + g_tgt·[v = y] (+ g_sumz) (− g_ent·p·(z − Σ p z))``, with ``p = e^{(z − m) − log s}`` formed
+    relative to the row max ``m`` (``log s = log Σ e^{z − m}``; never ``z − lse`` of two absolute values, which
+    loses ``p`` at large logits) and ``z − Σ p z = (z − m) − log s + H``; 0 where ``m_v`` is false;
+    ``dx = dz / temperature (· (1 − tanh²))``; the target entry is formed in fp32 (no ``p_y − 1`` cancellation).
     """
-    b_p = tl.exp(tl.where(m_v, b_z - b_lse, float("-inf")))  # 0 where masked
+    b_q = (b_z - b_m) - b_ls
+    b_p = tl.exp(tl.where(m_v, b_q, float("-inf")))  # 0 where masked
     b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0)
     if HAS_G_SUMZ:
         b_dz += b_gs
     if HAS_G_ENT:
-        b_dz -= b_ge * b_p * (b_z - b_pz)
+        b_dz -= b_ge * b_p * (b_q + b_h)
     b_dx = b_dz * inv_temp
     if HAS_SOFTCAP:
         b_dx = b_dx * (1.0 - b_th * b_th)
@@ -191,15 +194,15 @@ def _lce_dx(
 
 @triton.jit
 def _lce_dlogits(
-    b_x, b_y, o_v, m_v, m_n, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, softcap, inv_temp,
+    b_x, b_y, o_v, m_v, m_n, b_m, b_ls, b_gl, b_gt, b_gs, b_ge, b_h, softcap, inv_temp,
     HAS_SOFTCAP: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
 ):
     """dL/dx for a ``[BLOCK_N, BLOCK_V]`` tile of raw logits ``b_x`` (fp32); 0 on masked rows / columns."""
     b_z, b_t = _lce_transform(b_x, softcap, inv_temp, HAS_SOFTCAP)
     m_nv = m_n[:, None] & m_v[None, :]
     b_dx = _lce_dx(
-        b_z, b_t, m_nv, o_v[None, :], b_y[:, None], b_lse[:, None], b_gl[:, None], b_gt[:, None], b_gs[:, None],
-        b_ge[:, None], b_pz[:, None], inv_temp, HAS_SOFTCAP, HAS_G_SUMZ, HAS_G_ENT,
+        b_z, b_t, m_nv, o_v[None, :], b_y[:, None], b_m[:, None], b_ls[:, None], b_gl[:, None], b_gt[:, None],
+        b_gs[:, None], b_ge[:, None], b_h[:, None], inv_temp, HAS_SOFTCAP, HAS_G_SUMZ, HAS_G_ENT,
     )  # [BLOCK_N, BLOCK_V]
     return tl.where(m_nv, b_dx, 0.0)
 
@@ -275,20 +278,23 @@ def _lce_stats_fwd_kernel(
 
 @triton.jit
 def _lce_load_row_coefs(
-    o_n, m_n, lse, ent, g_lse, g_tgt, g_sumz, g_ent,
+    o_n, m_n, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent,
     HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
 ):
-    b_lse = tl.load(lse + o_n, mask=m_n, other=0.0)
-    b_gl = tl.load(g_lse + o_n, mask=m_n, other=0.0) if HAS_G_LSE else tl.zeros_like(b_lse)
-    b_gt = tl.load(g_tgt + o_n, mask=m_n, other=0.0) if HAS_G_TGT else tl.zeros_like(b_lse)
-    b_gs = tl.load(g_sumz + o_n, mask=m_n, other=0.0) if HAS_G_SUMZ else tl.zeros_like(b_lse)
+    """Per-row ``(m, log s, g_lse, g_tgt, g_sumz, g_ent, H)``: the forward's row max and ``log Σ e^{z − m}``
+    (``lse = m + log s``, kept apart so ``p`` is formed relative to the max), upstream gradients, entropy."""
+    b_m = tl.load(rmax + o_n, mask=m_n, other=0.0)
+    b_ls = tl.load(logs + o_n, mask=m_n, other=0.0)
+    b_gl = tl.load(g_lse + o_n, mask=m_n, other=0.0) if HAS_G_LSE else tl.zeros_like(b_m)
+    b_gt = tl.load(g_tgt + o_n, mask=m_n, other=0.0) if HAS_G_TGT else tl.zeros_like(b_m)
+    b_gs = tl.load(g_sumz + o_n, mask=m_n, other=0.0) if HAS_G_SUMZ else tl.zeros_like(b_m)
     if HAS_G_ENT:
         b_ge = tl.load(g_ent + o_n, mask=m_n, other=0.0)
-        b_pz = b_lse - tl.load(ent + o_n, mask=m_n, other=0.0)  # Σ p z
+        b_h = tl.load(ent + o_n, mask=m_n, other=0.0)
     else:
-        b_ge = tl.zeros_like(b_lse)
-        b_pz = tl.zeros_like(b_lse)
-    return b_lse, b_gl, b_gt, b_gs, b_ge, b_pz
+        b_ge = tl.zeros_like(b_m)
+        b_h = tl.zeros_like(b_m)
+    return b_m, b_ls, b_gl, b_gt, b_gs, b_ge, b_h
 
 
 @triton.jit
@@ -313,7 +319,7 @@ def _lce_acc_slab(
 
 @triton.jit
 def _lce_bwd_dh_kernel(
-    h, w, b, y, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, dh,
+    h, w, b, y, row_order, n_active, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent, dh,
     N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, ignore_index, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr,
     HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -327,8 +333,8 @@ def _lce_bwd_dh_kernel(
     m_n = (o_r < N) & (o_r < n_act)
     o_n = tl.load(row_order + o_r, mask=m_n, other=0).to(tl.int64)
     b_y = tl.load(y + o_n, mask=m_n, other=ignore_index).to(tl.int64)
-    b_lse, b_gl, b_gt, b_gs, b_ge, b_pz = _lce_load_row_coefs(
-        o_n, m_n, lse, ent, g_lse, g_tgt, g_sumz, g_ent, HAS_G_LSE, HAS_G_TGT, HAS_G_SUMZ, HAS_G_ENT
+    b_m, b_ls, b_gl, b_gt, b_gs, b_ge, b_h = _lce_load_row_coefs(
+        o_n, m_n, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent, HAS_G_LSE, HAS_G_TGT, HAS_G_SUMZ, HAS_G_ENT
     )
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
@@ -340,7 +346,7 @@ def _lce_bwd_dh_kernel(
         if HAS_BIAS:
             b_x += tl.load(b + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
         b_dx = _lce_dlogits(
-            b_x, b_y, o_v, m_v, m_n, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, softcap, inv_temp,
+            b_x, b_y, o_v, m_v, m_n, b_m, b_ls, b_gl, b_gt, b_gs, b_ge, b_h, softcap, inv_temp,
             HAS_SOFTCAP, HAS_G_SUMZ, HAS_G_ENT,
         )  # [BLOCK_N, BLOCK_V] fp32
         if not UPCAST:
@@ -352,7 +358,7 @@ def _lce_bwd_dh_kernel(
 
 @triton.jit
 def _lce_bwd_dw_kernel(
-    h, w, b, y, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, dw, db,
+    h, w, b, y, row_order, n_active, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent, dw, db,
     N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_dwv, ignore_index, softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_G_LSE: tl.constexpr, HAS_G_TGT: tl.constexpr,
     HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -371,8 +377,8 @@ def _lce_bwd_dw_kernel(
         m_n = (o_r < N) & (o_r < n_act)
         o_n = tl.load(row_order + o_r, mask=m_n, other=0).to(tl.int64)
         b_y = tl.load(y + o_n, mask=m_n, other=ignore_index).to(tl.int64)
-        b_lse, b_gl, b_gt, b_gs, b_ge, b_pz = _lce_load_row_coefs(
-            o_n, m_n, lse, ent, g_lse, g_tgt, g_sumz, g_ent, HAS_G_LSE, HAS_G_TGT, HAS_G_SUMZ, HAS_G_ENT
+        b_m, b_ls, b_gl, b_gt, b_gs, b_ge, b_h = _lce_load_row_coefs(
+            o_n, m_n, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent, HAS_G_LSE, HAS_G_TGT, HAS_G_SUMZ, HAS_G_ENT
         )
         b_x = _lce_logits_tile(
             h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
@@ -381,7 +387,7 @@ def _lce_bwd_dw_kernel(
         if HAS_BIAS:
             b_x += b_bias[None, :]
         b_dx = _lce_dlogits(
-            b_x, b_y, o_v, m_v, m_n, b_lse, b_gl, b_gt, b_gs, b_ge, b_pz, softcap, inv_temp,
+            b_x, b_y, o_v, m_v, m_n, b_m, b_ls, b_gl, b_gt, b_gs, b_ge, b_h, softcap, inv_temp,
             HAS_SOFTCAP, HAS_G_SUMZ, HAS_G_ENT,
         )  # [BLOCK_N, BLOCK_V] fp32
         if NEED_DB:
@@ -404,8 +410,8 @@ def _lce_bwd_dw_kernel(
 
 @triton.jit
 def _lce_chunk_row_kernel(
-    x, dx, b, y, lse, ent, nll, smooth, g_lse, g_tgt, g_sumz, g_ent, g_lse2, stride_xn, stride_dxn, V, softcap,
-    inv_temp,
+    x, dx, b, y, lse, ent, nll, smooth, rmax, logs, g_lse, g_tgt, g_sumz, g_ent, g_lse2, stride_xn, stride_dxn, V,
+    softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_STATS: tl.constexpr, WANT_SMOOTH: tl.constexpr,
     WANT_ENTROPY: tl.constexpr, WRITE_DX: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
     HAS_G_LSE2: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -414,7 +420,9 @@ def _lce_chunk_row_kernel(
 
     ``COMPUTE_STATS``: online max / Σe^{z−m} over V tiles, with the target logit, ``Σ(z − m)`` and
     ``Σe^{z−m}(z − m)`` kept relative to the running max; writes ``lse``, ``nll = log s − (z_y − m)`` (never the
-    difference of two absolute values), ``smooth = log s − Σ(z − m)/V`` and ``ent``. Else ``lse`` / ``ent`` are read.
+    difference of two absolute values), ``smooth = log s − Σ(z − m)/V``, ``ent``, and the row max ``m`` / ``log s``
+    (``rmax`` / ``logs``, what a later recompute forms ``p`` from). Else ``lse``, ``rmax``, ``logs`` / ``ent`` are
+    read. ``p = e^{(z − m) − log s}`` is always relative to the row max (exact at large logits).
     ``WRITE_DX``: ``dx = [(g_lse + 2·g_lse2·lse)·p + g_tgt·[v = y] + g_sumz − g_ent·p·(z − lse + H)] / T · (1 − tanh²)``
     in ``dx``'s dtype (may alias ``x``: each tile is read before it is written).
     """
@@ -447,6 +455,8 @@ def _lce_chunk_row_kernel(
         b_log_s = tl.log(b_s)
         b_lse = b_m + b_log_s
         tl.store(lse + i_n, b_lse)
+        tl.store(rmax + i_n, b_m)
+        tl.store(logs + i_n, b_log_s)
         tl.store(nll + i_n, tl.maximum(b_log_s - (b_t - b_m), 0.0))
         if WANT_SMOOTH:
             tl.store(smooth + i_n, b_log_s - b_sd / V)
@@ -455,6 +465,8 @@ def _lce_chunk_row_kernel(
             tl.store(ent + i_n, b_h)
     else:
         b_lse = tl.load(lse + i_n)
+        b_m = tl.load(rmax + i_n)
+        b_log_s = tl.load(logs + i_n)
         if HAS_G_ENT:
             b_h = tl.load(ent + i_n)
     if WRITE_DX:
@@ -468,13 +480,13 @@ def _lce_chunk_row_kernel(
             o_v = v0 + tl.arange(0, BLOCK_V)
             m_v = o_v < V
             b_z, b_th = _lce_row_tile(p_x, b, o_v, m_v, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
-            b_q = b_z - b_lse
+            b_q = (b_z - b_m) - b_log_s
             b_p = tl.exp(tl.where(m_v, b_q, float("-inf")))
             b_dz = b_gl * b_p + tl.where(o_v == b_y, b_gt, 0.0)
             if HAS_G_SUMZ:
                 b_dz += b_gs
             if HAS_G_ENT:
-                b_dz -= b_ge * b_p * (b_q + b_h)  # z - Σ p z = (z - lse) + H
+                b_dz -= b_ge * b_p * (b_q + b_h)  # z - Σ p z = (z - m) - log s + H
             b_dx = b_dz * inv_temp
             if HAS_SOFTCAP:
                 b_dx = b_dx * (1.0 - b_th * b_th)
@@ -558,6 +570,42 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     if dtype == torch.float32:
         return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# upstream-gradient scaling of gradients formed in the forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_unless_one_kernel(x, scale, n, BLOCK: tl.constexpr):
+    """``x *= scale`` over ``n`` contiguous elements, a no-op when the device scalar ``scale`` is 1: every program
+    reads the scalar first and returns at once (a loss's ``backward()`` seeds 1, so the common call costs one
+    scalar read per program instead of a pass over ``x``, with no host sync). Grid-stride loop."""
+    b_s = tl.load(scale).to(tl.float32)
+    if b_s == 1.0:
+        return
+    pid = tl.program_id(0).to(tl.int64)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for o0 in range(pid * BLOCK, n, step):
+        o = o0 + tl.arange(0, BLOCK)
+        m = o < n
+        b_x = tl.load(x + o, mask=m, other=0.0)
+        tl.store(x + o, (b_x.to(tl.float32) * b_s).to(b_x.dtype), mask=m)
+
+
+_SCALE_BLOCK = 4096
+_SCALE_MAX_PROGRAMS = 1024
+
+
+def scale_unless_one(x: torch.Tensor, scale: torch.Tensor) -> None:
+    """In place ``x *= scale`` (``scale``: a one-element device tensor) that costs no pass over ``x`` when
+    ``scale == 1``; no host read."""
+    if x.numel() == 0:
+        return
+    assert x.is_contiguous(), "scale_unless_one takes a contiguous tensor"
+    grid = (min(_SCALE_MAX_PROGRAMS, triton.cdiv(x.numel(), _SCALE_BLOCK)),)
+    _scale_unless_one_kernel[grid](x, scale.reshape(1), x.numel(), BLOCK=_SCALE_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -688,13 +736,14 @@ def fwd_plan(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | 
     )
 
 
-def _combine_splits(part, active, want_sumz, want_entropy):
+def _combine_splits(part, active, want_sumz, want_entropy, keep_relative=False):
     """Deterministic merge of the per-split partials ``part [5, S, N]`` (fp32, torch ops in a fixed order).
 
     ``M = max_s m_s``, ``S = Σ_s s_s e^{m_s − M}``; the loss is kept relative to the max,
     ``nll = log S + (M − z_y)`` (never ``lse − z_y`` of two absolute values, which cancel at large logits);
     ``lse = M + log S``; entropy ``H = log S − A / S`` with ``A = Σ_s e^{m_s − M}(a_s + (m_s − M) s_s)``.
-    Inactive rows (unwritten partials) come out 0.
+    Inactive rows (unwritten partials) come out 0. ``keep_relative``: also ``(M, log S)``, what the recompute
+    backward forms ``p`` from.
     """
     m, s, t = part[0], part[1], part[3]
     big_m = m.amax(0)
@@ -711,18 +760,22 @@ def _combine_splits(part, active, want_sumz, want_entropy):
         shift = torch.where(s > 0, m - safe_m, torch.zeros_like(m))  # empty splits: avoid (-inf) · 0
         a_tot = (scale * (part[2] + shift * s)).sum(0)
         ent = torch.where(active, (log_s - a_tot / s_tot).clamp_min(0.0), zero)
+    if keep_relative:
+        return lse, nll, sumz, ent, safe_m, torch.where(active, log_s, zero)
     return lse, nll, sumz, ent
 
 
-def lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts):
+def lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts, keep_relative=False):
     """Fused forward: ``(lse, nll, sumz | None, entropy | None)`` fp32 ``[N]`` (``nll = lse − z_y``, formed
-    relative to the row max); stores nothing else. Workspace: the fp32 ``[5, splits, N]`` partials."""
+    relative to the row max); stores nothing else. Workspace: the fp32 ``[5, splits, N]`` partials.
+    ``keep_relative``: also the row max and ``log Σ e^{z − max}`` (for :func:`lce_stats_bwd`)."""
     N, D = hidden.shape
     V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     if N == 0:
         z = torch.zeros(0, **f32)
-        return z, z.clone(), z.clone() if opts.want_sumz else None, z.clone() if opts.want_entropy else None
+        out = (z, z.clone(), z.clone() if opts.want_sumz else None, z.clone() if opts.want_entropy else None)
+        return (*out, z.clone(), z.clone()) if keep_relative else out
     plan = fwd_plan(N, V, D, hidden.dtype, hidden.device)
     splits = plan["splits"]
     part = torch.empty(5, splits, N, **f32)
@@ -734,14 +787,18 @@ def lce_stats_fwd(hidden, weight, bias, targets, row_order, n_active, opts):
     )
     _launch("fwd", _lce_stats_fwd_kernel, _fwd_tuned, lambda m: triton.cdiv(N, m["BLOCK_N"]) * splits, args,
             hidden.dtype)
-    return _combine_splits(part, targets != opts.ignore_index, opts.want_sumz, opts.want_entropy)
+    return _combine_splits(part, targets != opts.ignore_index, opts.want_sumz, opts.want_entropy, keep_relative)
 
 
 def lce_stats_bwd(
-    hidden, weight, bias, targets, row_order, n_active, lse, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
-    *, need_dh: bool, need_dw: bool, need_db: bool,
+    hidden, weight, bias, targets, row_order, n_active, rmax, logs, ent, g_lse, g_tgt, g_sumz, g_ent, opts,
+    *, need_dh: bool, need_dw: bool, need_db: bool, dw_dtype: torch.dtype | None = None,
 ):
-    """Recompute backward of the primitive for arbitrary per-token upstream gradients (any may be ``None``)."""
+    """Recompute backward of the primitive for arbitrary per-token upstream gradients (any may be ``None``), from
+    the forward's row max ``rmax`` and ``logs = log Σ e^{z − rmax}`` (``p`` relative to the max: exact at large
+    logits).
+    ``dW`` accumulates in fp32 and is returned in ``dw_dtype`` (default ``weight``'s; fp32 for fp32 master
+    weights: the accumulator itself)."""
     N, D = hidden.shape
     V = weight.shape[0]
 
@@ -749,16 +806,11 @@ def lce_stats_bwd(
         return None if g is None else g.detach().float().contiguous()
 
     g_lse, g_tgt, g_sumz, g_ent = prep(g_lse), prep(g_tgt), prep(g_sumz), prep(g_ent)
-    if fused_backward_mode() == "chunked":
-        return _lce_stats_bwd_chunked(
-            hidden, weight, bias, targets, (g_lse, g_tgt, g_sumz, g_ent), opts,
-            need_dh=need_dh, need_dw=need_dw, need_db=need_db,
-        )
     args = _common(hidden, weight, bias, targets, opts)
     args.update(
-        row_order=row_order, n_active=n_active, lse=lse, ent=ent if ent is not None else lse,
-        g_lse=g_lse if g_lse is not None else lse, g_tgt=g_tgt if g_tgt is not None else lse,
-        g_sumz=g_sumz if g_sumz is not None else lse, g_ent=g_ent if g_ent is not None else lse,
+        row_order=row_order, n_active=n_active, rmax=rmax, logs=logs, ent=ent if ent is not None else logs,
+        g_lse=g_lse if g_lse is not None else logs, g_tgt=g_tgt if g_tgt is not None else logs,
+        g_sumz=g_sumz if g_sumz is not None else logs, g_ent=g_ent if g_ent is not None else logs,
         HAS_G_LSE=g_lse is not None, HAS_G_TGT=g_tgt is not None, HAS_G_SUMZ=g_sumz is not None,
         HAS_G_ENT=g_ent is not None,
     )
@@ -783,7 +835,7 @@ def lce_stats_bwd(
             ),
             hidden.dtype,
         )
-        dw = dw_acc.to(weight.dtype) if need_dw else None
+        dw = dw_acc.to(dw_dtype or weight.dtype) if need_dw else None
         db = db_acc.to(bias.dtype) if need_db else None
     return dh, dw, db
 
@@ -795,12 +847,13 @@ def chunk_row_block(V: int) -> dict:
     return dict(BLOCK_V=min(8192, triton.next_power_of_2(V)), num_warps=16 if V >= 8192 else 8)
 
 
-def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, g, *, softcap, temperature, compute_stats: bool,
-                   want_smooth: bool, want_entropy: bool) -> None:
+def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, rmax, logs, g, *, softcap, temperature,
+                   compute_stats: bool, want_smooth: bool, want_entropy: bool) -> None:
     """Launch ``_lce_chunk_row_kernel`` over the ``k`` rows of fp32 raw logits ``x [k, V]`` (the chunked path).
 
     ``g``: a :class:`~t3s_kernels.linear_ce.chunked.RowGrads` of ``[k]`` fp32 coefficients (``dx`` written) or
-    ``None``; ``lse`` / ``nll`` / ``smooth`` / ``ent``: ``[k]`` fp32 outputs (``compute_stats``) or inputs.
+    ``None``; ``lse`` / ``nll`` / ``smooth`` / ``ent`` / ``rmax`` / ``logs`` (row max, ``log Σ e^{z − max}``):
+    ``[k]`` fp32 outputs (``compute_stats``) or inputs.
     """
     k, V = x.shape
     if k == 0:
@@ -813,7 +866,7 @@ def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, g, *, softcap, tempera
 
     _lce_chunk_row_kernel[(k,)](
         x=x, dx=dx if write_dx else x, b=bias if bias is not None else x, y=y.contiguous(), lse=lse,
-        ent=arg(ent), nll=arg(nll), smooth=arg(smooth),
+        ent=arg(ent), nll=arg(nll), smooth=arg(smooth), rmax=rmax, logs=logs,
         g_lse=arg(g.g_lse if write_dx else None), g_tgt=arg(g.g_tgt if write_dx else None),
         g_sumz=arg(g.g_sumz if write_dx else None), g_ent=arg(g.g_ent if write_dx else None),
         g_lse2=arg(g.g_lse2 if write_dx else None),
@@ -825,24 +878,3 @@ def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, g, *, softcap, tempera
         HAS_G_ENT=write_dx and g.g_ent is not None, HAS_G_LSE2=write_dx and g.g_lse2 is not None,
         **chunk_row_block(V),
     )
-
-
-def _lce_stats_bwd_chunked(hidden, weight, bias, targets, g, opts, *, need_dh, need_dw, need_db):
-    """Backward of the primitive through the chunked path (:mod:`.chunked`): active rows compacted (one host read
-    of their count), fp32 logits sub-chunks, the row kernel recomputes the statistics and writes ``dx``, torch
-    GEMMs for ``dh`` / ``dW`` (6·n·D·V FLOPs, bounded workspace)."""
-    from . import chunked
-
-    g_lse, g_tgt, g_sumz, g_ent = g
-    idx = chunked.active_row_index(targets != opts.ignore_index, None)
-    zero = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-
-    def take(t, default=None):
-        t = t if t is not None else default
-        return None if t is None else (t if idx is None else t.index_select(0, idx))
-
-    grads = chunked.RowGrads(take(g_lse, zero), take(g_tgt, zero), take(g_sumz), take(g_ent))
-    copts = chunked.ChunkedOptions(softcap=opts.softcap, temperature=opts.temperature, row_impl="triton")
-    _, dh, dw, db = chunked._sweep(hidden, weight, bias, targets, idx, copts, stats=True, grads=grads,
-                                   need_dh=need_dh, need_dw=need_dw, need_db=need_db)
-    return dh, dw, db

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dispatch import LossCall, linear_cross_entropy_eager
 from .function import StatsOptions, linear_token_stats
 
 __all__ = ["lce_reduced", "token_stats"]
@@ -169,18 +170,16 @@ def _lce_reduced_op(
     impl: str, strategy: str, active_rows: Tensor | None, workspace_bytes: int | None,
     weight_grad_accumulation: str, need_dh: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from .api import linear_cross_entropy
-
     h = hidden.detach().requires_grad_(need_dh)
     w = weight.detach().requires_grad_(need_dw)
     b = bias.detach().requires_grad_(need_db) if bias is not None else None
     with _autograd_inside_op(), torch.enable_grad():
-        loss = linear_cross_entropy(
-            h, w, targets, bias=b, token_weight=token_weight, class_weight=class_weight, ignore_index=ignore_index,
-            reduction=reduction,
-            normalizer=normalizer if normalizer is not None else normalizer_value, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, temperature=temperature, shift=shift, impl=impl, strategy=strategy,
-            active_rows=active_rows, workspace_bytes=workspace_bytes, weight_grad_accumulation=weight_grad_accumulation,
+        call = LossCall(reduction, label_smoothing, z_loss, softcap, temperature, False, impl, strategy,
+                        workspace_bytes, weight_grad_accumulation, ignore_index)
+        loss = linear_cross_entropy_eager(
+            h, w, targets, b, call, token_weight=token_weight, class_weight=class_weight,
+            normalizer=normalizer if normalizer is not None else normalizer_value, shift=shift,
+            active_rows=active_rows, vp=None, stats_fn=linear_token_stats, fn="linear_cross_entropy",
         )
         leaves = [t for t, need in ((h, need_dh), (w, need_dw), (b, need_db)) if t is not None and need]
         got = iter(torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else ())
@@ -228,7 +227,7 @@ _lce_reduced_op.register_autograd(_lce_reduced_backward, setup_context=_lce_redu
 
 def lce_reduced(hidden, weight, targets, *, bias, token_weight, class_weight, ignore_index, reduction, normalizer,
                 label_smoothing, z_loss, softcap, temperature, shift, impl, strategy, active_rows=None,
-                workspace_bytes=None, weight_grad_accumulation="fp32") -> Tensor:
+                workspace_bytes=None, weight_grad_accumulation="weight_dtype") -> Tensor:
     """A ``"mean"`` / ``"sum"`` :func:`~t3s_kernels.linear_cross_entropy` through ``t3s::lce_reduced``."""
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]

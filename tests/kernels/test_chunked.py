@@ -188,18 +188,26 @@ def test_active_rows_validation():
         linear_cross_entropy(hh, W, y, weight_grad_accumulation="bf16")
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [*PATHS, pytest.param(dict(impl="triton", strategy="fused"), id="triton-fused",
+                                                        marks=pytest.mark.triton)])
 def test_huge_equal_logits_keep_precision(path):
-    """Eight equal logits at 2^24: the loss is log 8 (formed relative to the row max), not lse − tgt = 2.0."""
+    """Eight equal logits at 2^24: the loss is log 8 (formed relative to the row max), not lse − tgt = 2.0, and
+    the gradients use p = 1/8 exactly (p formed relative to the row max in every backward, the fused recompute
+    included: e^{z − lse} with an fp32 lse at 2^24 gives p ≈ 0.135 and Σp ≈ 1.08)."""
     h = torch.full((3, 1), 2.0**24)
     W = torch.ones(8, 1)
     y = torch.tensor([0, 5, 7])
+    onehot = torch.nn.functional.one_hot(y, 8).double()
     for reduction in ("mean", "none"):
-        hh = h.clone().requires_grad_()
-        loss = linear_cross_entropy(hh, W, y, reduction=reduction, **path)
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, WW, y, reduction=reduction, **path)
         torch.testing.assert_close(loss, torch.full_like(loss, math.log(8)), rtol=0, atol=1e-6)
         loss.sum().backward()
-        assert torch.isfinite(hh.grad).all()
+        scale = 1.0 / 3 if reduction == "mean" else 1.0
+        # dh = Σ_v (p_v − [v = y]) W_v = Σ p − 1 = 0; dW_v = Σ_i (p_v − [v = y_i]) h_i
+        torch.testing.assert_close(hh.grad, torch.zeros_like(hh.grad), rtol=0, atol=1e-6)
+        expect_dw = (((1.0 / 8 - onehot) * 2.0**24).sum(0) * scale).reshape(8, 1)
+        torch.testing.assert_close(WW.grad.double(), expect_dw, rtol=1e-6, atol=1.0)
     hh = h.clone().requires_grad_()
     lp_g = token_logprobs(hh, W, y, return_entropy=True, **path)
     checked = [lp_g.logprob]
