@@ -56,6 +56,7 @@ smoothing and the entropy accumulator are kept relative to the max too.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -69,6 +70,8 @@ __all__ = [
     "Stats",
     "active_row_index",
     "plan_chunks",
+    "row_count",
+    "rows_view",
     "recompute_backward",
     "stats_and_grads",
     "sweep_gradients",
@@ -340,9 +343,12 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
     statistics (else ``lse_in`` / ``ent_in`` and, for the Triton rows, ``rel_in = (row max, log s)``, compact,
     replace them); ``grads``: compact per-row coefficients of
     ``dlogits`` (``g_lse2`` uses the row's own LSE). Returns ``(Stats | None, dh, dw, db)``."""
-    N, D = hidden.shape
+    D = hidden.shape[-1]
+    N = row_count(hidden)
     V = weight.shape[0]
     dev = hidden.device
+    if hidden.dim() != 2 and idx is None:  # strided [..., D] rows (no [N, D] copy): gathered per chunk
+        idx = torch.arange(N, device=dev)
     n = N if idx is None else idx.numel()
     with_dx = grads is not None
     plan = plan_chunks(n, V, D, hidden, opts, with_dx=with_dx, gather=idx is not None,
@@ -366,7 +372,7 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
               torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None,
               torch.empty(n, **f32) if rel else None, torch.empty(n, **f32) if rel else None]
     if n == 0:
-        return _finish(st, dh, dw_acc, db_acc, weight, bias)
+        return _finish(st, dh, dw_acc, db_acc, weight, bias, hidden.shape)
 
     # workspace, allocated once and reused by every chunk
     w_c = _gemm_weight(weight, hidden.dtype, cdt)
@@ -385,7 +391,7 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
         k = s1 - s0
         if idx is not None:
             r_idx = idx[s0:s1]
-            h_c = torch.index_select(hidden, 0, r_idx, out=hbuf[:k])
+            h_c = _gather_rows(hidden, r_idx, hbuf[:k])
             y_c = y.index_select(0, r_idx)
         else:
             h_c, y_c = hidden[s0:s1], y[s0:s1]
@@ -429,7 +435,29 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
             db_acc += dx_big.sum(0, dtype=torch.float32)
     # the chunk buffers go before the accumulator is cast, so the two never add up
     del big, zbuf, scratch, hbuf, hcbuf, dhbuf, w_c, h_c, dx_big
-    return _finish(st, dh, dw_acc, db_acc, weight, bias)
+    return _finish(st, dh, dw_acc, db_acc, weight, bias, hidden.shape)
+
+
+def row_count(hidden: torch.Tensor) -> int:
+    """Rows of ``hidden [..., D]``."""
+    return math.prod(hidden.shape[:-1])
+
+
+def rows_view(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden [..., D]`` as ``[N, D]`` when that is a view (contiguous leading dims, or one batch row of a
+    slice); otherwise ``hidden`` itself, which the sweep reads row-gathered per chunk (``hidden[:, :-1]`` of a
+    batch, ``hidden[:, :L]`` of the dLLM's ``[x_t ‖ x_0]``): never an ``[N, D]`` copy."""
+    try:
+        return hidden.view(-1, hidden.shape[-1])
+    except RuntimeError:
+        return hidden
+
+
+def _gather_rows(hidden: torch.Tensor, r_idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``r_idx`` (flat over the leading dims) of ``hidden [..., D]`` into ``out [k, D]``."""
+    if hidden.dim() == 2:
+        return torch.index_select(hidden, 0, r_idx, out=out)
+    return out.copy_(hidden[torch.unravel_index(r_idx, hidden.shape[:-1])])
 
 
 def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) -> torch.Tensor:
@@ -460,8 +488,9 @@ def _cast_rows(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _finish(st, dh, dw_acc, db_acc, weight, bias):
+def _finish(st, dh, dw_acc, db_acc, weight, bias, hidden_shape):
     stats = Stats(*st) if st is not None else None
+    dh = dh.view(hidden_shape) if dh is not None else None
     dw = None
     if dw_acc is not None:
         dw = _cast_rows(dw_acc, weight.dtype)

@@ -15,7 +15,7 @@ import torch
 
 from .._triton import resolve_impl
 from . import _checks
-from .chunked import ChunkedOptions, active_row_index
+from .chunked import ChunkedOptions, active_row_index, row_count, rows_view
 from .function import StatsOptions, chunked_cross_entropy, chunked_token_stats, linear_token_stats
 from .vocab_parallel import vocab_parallel_token_stats
 
@@ -161,18 +161,14 @@ def _denominator_fn(normalizer, w, active, device):
     return denominator
 
 
-def _rows_2d(hidden: torch.Tensor, D: int) -> torch.Tensor:
-    return hidden.reshape(-1, D)
-
-
 def lce_forward(hidden, weight, bias, y, w, call: LossCall, *, normalizer, active_rows, vp, stats_fn):
     """The loss of a validated call on ``[N]`` targets ``y`` and fp32 weights ``w`` (or ``None``); returns the loss
     and, when asked, the per-token ``lse`` ([N]). ``stats_fn``: the per-token primitive (the custom op under
     ``torch.compile``)."""
     V, D = weight.shape
     V = V if vp is None else vp.vocab_size
-    h2 = _rows_2d(hidden, D)
-    N = h2.shape[0]
+    h2 = rows_view(hidden)  # a view, or the strided [..., D] tensor the chunked sweep gathers from (no copy)
+    N = row_count(hidden)
     if w is not None:  # weight 0 ≡ ignored: the primitive then skips the row
         y = torch.where(w != 0, y, torch.full_like(y, call.ignore_index))
     active = y != call.ignore_index
@@ -208,7 +204,8 @@ def lce_forward(hidden, weight, bias, y, w, call: LossCall, *, normalizer, activ
 
 def _primitive(h2, weight, bias, y, sopts: StatsOptions, backend: str, vp, stats_fn):
     """The per-token primitive outside the chunked path: vocabulary-parallel shards, the compiled op, the fused
-    Triton strategy and the reference."""
+    Triton strategy and the reference (they take ``[N, D]``: a strided ``hidden`` is copied here)."""
+    h2 = h2.reshape(-1, h2.shape[-1])
     if vp is not None or backend == "reference":
         weight, h2 = master_weight_view(weight, h2)
     if vp is not None:
@@ -219,8 +216,8 @@ def _primitive(h2, weight, bias, y, sopts: StatsOptions, backend: str, vp, stats
 def token_logprobs_forward(hidden, weight, bias, y, *, ignore_index, softcap, temperature, return_entropy, impl, strategy, active_rows, workspace_bytes, vp, stats_fn):
     """``(logprob, entropy | None, lse)`` ``[N]`` of a validated :func:`token_logprobs` call."""
     V, D = weight.shape
-    h2 = _rows_2d(hidden, D)
-    N = h2.shape[0]
+    h2 = rows_view(hidden)  # a view, or the strided [..., D] tensor the chunked sweep gathers from (no copy)
+    N = row_count(hidden)
     backend = backend_for(impl, hidden.device, hidden.dtype, N)
     needs_grad = _needs_grad(hidden, weight, bias)
     n_rows = active_rows.numel() if active_rows is not None else N

@@ -180,7 +180,7 @@ class ChunkedStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, idx, opts: ChunkedOptions):
-        N = hidden.shape[0]
+        N = chunked.row_count(hidden)
         st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
         full = [None if t is None else chunked.scatter_rows(t, idx, N) for t in st[:4]]
         ent_compact = st.entropy
@@ -211,7 +211,7 @@ class ChunkedStatsFunction(torch.autograd.Function):
 def chunked_token_stats(hidden, weight, bias, targets, idx, opts: ChunkedOptions):
     """Per-token ``(nll, lse, smooth | None, entropy | None)`` ``[N]`` through the chunked path: an autograd
     Function when a gradient is needed, else one forward sweep that stores nothing."""
-    N = hidden.shape[0]
+    N = chunked.row_count(hidden)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         outs = list(ChunkedStatsFunction.apply(hidden, weight, bias, targets, idx, opts))
