@@ -43,11 +43,13 @@ STRATEGIES = ("auto", "fused", "chunked")
 
 
 class TokenLogprobs(NamedTuple):
-    """Per-token outputs of :func:`token_logprobs`, fp32 with the shape of ``targets`` (0 at ignored positions)."""
+    """Per-token outputs of :func:`token_logprobs`, fp32 with the shape of ``targets`` (0 at ignored positions);
+    ``accuracy`` is 1.0 where the target logit is the row's maximum (ties count as correct), else 0.0."""
 
     logprob: torch.Tensor
     entropy: torch.Tensor | None
     lse: torch.Tensor | None
+    accuracy: torch.Tensor | None = None
 
 
 def _autocast_entry(fn):
@@ -263,6 +265,7 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     return_lse: bool = False,
+    return_accuracy: bool = False,
     impl: str = "auto",
     strategy: str = "auto",
     active_rows: torch.Tensor | None = None,
@@ -278,6 +281,12 @@ def token_logprobs(
         hidden: ``[..., D]`` fp16 / bf16 / fp32. weight: ``[V, D]`` same dtype. targets: ``[...]`` integer.
         bias, ignore_index, softcap, temperature: as :func:`linear_cross_entropy`.
         return_entropy / return_lse: also return the entropy / LSE of the transformed distribution.
+        return_accuracy: also return the per-token accuracy (Liger-Kernel's ``return_token_accuracy``): 1.0 where
+            ``z_y`` equals the row's maximum transformed logit — a target tied for the maximum counts as correct
+            (``argmax`` would pick the first of the tied classes) — else 0.0, 0 at ignored positions; fp32, no
+            gradient. It comes from the same sweep as the log-probs (no extra GEMM), so it needs the chunked path
+            (``impl`` ``"auto"`` / ``"triton"``, not ``strategy="fused"``, no vocabulary parallelism, not under
+            ``torch.compile``; else ``ValueError``).
         impl: ``"auto" | "triton" | "reference"`` (``"auto"``: Triton on CUDA, the chunked PyTorch path on CPU).
         strategy, active_rows, workspace_bytes, compute_dtype: as :func:`linear_cross_entropy` (with gradients the
             chunked path stores the per-token LSE / entropy and recomputes the logits in GEMM-bound chunks in the
@@ -310,13 +319,15 @@ def token_logprobs(
         raise ValueError(f"{fn}: strategy must be one of {STRATEGIES}, got {strategy!r}")
     _checks.check_chunked_args(fn, active_rows, workspace_bytes, "fp32", hidden.device)
     shape = tuple(targets.shape)
-    logprob, ent, lse = token_logprobs_forward(
+    logprob, ent, lse, acc = token_logprobs_forward(
         hidden, weight, bias, targets.reshape(-1), ignore_index=ignore_index, softcap=softcap,
-        temperature=temperature, return_entropy=return_entropy, impl=impl, strategy=strategy,
+        temperature=temperature, return_entropy=return_entropy, return_accuracy=bool(return_accuracy), impl=impl,
+        strategy=strategy,
         active_rows=active_rows, workspace_bytes=workspace_bytes, vp=vp, stats_fn=_stats_fn(),
     )
     return TokenLogprobs(
         logprob.reshape(shape),
         ent.reshape(shape) if return_entropy else None,
         lse.reshape(shape) if return_lse else None,
+        acc.reshape(shape) if return_accuracy else None,
     )

@@ -98,6 +98,7 @@ class ChunkedOptions:
     z_loss: float = 0.0
     want_smooth: bool = False
     want_entropy: bool = False
+    want_accuracy: bool = False
     workspace_bytes: int | None = None
     weight_grad_accumulation: str = "weight_dtype"
     row_impl: str = "torch"
@@ -112,6 +113,7 @@ class Stats(NamedTuple):
     entropy: torch.Tensor | None  # −Σ p log p
     row_max: torch.Tensor | None = None  # max z and log Σ e^{z − max} (Triton rows: what a recompute forms p from;
     log_s: torch.Tensor | None = None  # the torch rows recompute log_softmax itself)
+    accuracy: torch.Tensor | None = None  # 1.0 where z_y is the row max (ties count), else 0.0
 
 
 class RowGrads(NamedTuple):
@@ -261,13 +263,16 @@ def _rows_torch(z, scratch, y, bias, opts: ChunkedOptions, V: int, *, stats: boo
     lse = z.gather(1, yi).reshape(-1) + nll if need_lse else None
     # p goes to a buffer that may be overwritten: z itself unless its values are still needed (softcap derivative)
     p = scratch[1] if softcap is not None and g is not None else z
+    acc = None
+    if stats and opts.want_accuracy:  # before p may overwrite z: the target attains the row max (ties count)
+        acc = (z.gather(1, yi).reshape(-1) >= z.amax(1)).float()
     if g is not None or want_h:
         torch.exp(logp, out=p)
     ent = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1).clamp_max(0) if want_h else None
     out = None
     if stats:
         smooth = -logp.sum(1) / V if opts.want_smooth else None
-        out = Stats(lse, nll.clamp_min(0), smooth, ent if opts.want_entropy else None)
+        out = Stats(lse, nll.clamp_min(0), smooth, ent if opts.want_entropy else None, accuracy=acc)
     if g is None:
         return out
     inv_t = 1.0 / temp  # dz / temperature: folded into the per-row coefficients
@@ -300,16 +305,19 @@ def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_i
         lse, nll, rmax, logs = (torch.empty(k, **f32) for _ in range(4))
         smooth = torch.empty(k, **f32) if opts.want_smooth else None
         ent = torch.empty(k, **f32) if want_ent else None
+        acc = torch.empty(k, **f32) if opts.want_accuracy else None
     else:
+        acc = None
         lse, nll, smooth, ent = lse_in, None, None, ent_in
         rmax, logs = rel_in
     K.lce_chunk_rows(
         z, dx_out, bias, y, lse, ent, nll, smooth, rmax, logs, g, softcap=opts.softcap,
         temperature=opts.temperature, compute_stats=stats, want_smooth=opts.want_smooth, want_entropy=want_ent,
+        acc=acc,
     )
     if not stats:
         return None
-    return Stats(lse, nll, smooth, ent if opts.want_entropy else None, rmax, logs)
+    return Stats(lse, nll, smooth, ent if opts.want_entropy else None, rmax, logs, acc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +381,8 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
         rel = opts.row_impl == "triton"
         st = [torch.empty(n, **f32), torch.empty(n, **f32),
               torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None,
-              torch.empty(n, **f32) if rel else None, torch.empty(n, **f32) if rel else None]
+              torch.empty(n, **f32) if rel else None, torch.empty(n, **f32) if rel else None,
+              torch.empty(n, **f32) if opts.want_accuracy else None]
     if n == 0:
         return _finish(st, dh, dw_acc, db_acc, weight, bias, hidden.shape)
 

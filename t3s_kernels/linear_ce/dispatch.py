@@ -193,7 +193,7 @@ def lce_forward(hidden, weight, bias, y, w, call: LossCall, *, normalizer, activ
             if call.reduction == "mean":
                 coef = coef / denominator(torch.float32)
             return chunked_cross_entropy(h2, weight, bias, y, coef, idx, copts), None
-        nll, lse, smooth, _ = chunked_token_stats(h2, weight, bias, y, idx, copts)
+        nll, lse, smooth, _, _ = chunked_token_stats(h2, weight, bias, y, idx, copts)
         return _reduce(_ce_per_token(nll, smooth, lse, eps, zl), w, call.reduction, denominator), lse
     sopts = StatsOptions(ignore_index=call.ignore_index, softcap=call.softcap, temperature=call.temperature,
                          want_sumz=eps > 0)
@@ -213,30 +213,38 @@ def _primitive(h2, weight, bias, y, sopts: StatsOptions, backend: str, vp, stats
     return stats_fn(h2, weight, bias, y, sopts, backend)
 
 
-def token_logprobs_forward(hidden, weight, bias, y, *, ignore_index, softcap, temperature, return_entropy, impl, strategy, active_rows, workspace_bytes, vp, stats_fn):
-    """``(logprob, entropy | None, lse)`` ``[N]`` of a validated :func:`token_logprobs` call."""
+def token_logprobs_forward(hidden, weight, bias, y, *, ignore_index, softcap, temperature, return_entropy,
+                           return_accuracy, impl, strategy, active_rows, workspace_bytes, vp, stats_fn):
+    """``(logprob, entropy | None, lse, accuracy | None)`` ``[N]`` of a validated :func:`token_logprobs` call."""
     V, D = weight.shape
     h2 = rows_view(hidden)  # a view, or the strided [..., D] tensor the chunked sweep gathers from (no copy)
     N = row_count(hidden)
     backend = backend_for(impl, hidden.device, hidden.dtype, N)
     needs_grad = _needs_grad(hidden, weight, bias)
     n_rows = active_rows.numel() if active_rows is not None else N
-    use_chunked = vp is None and not torch.compiler.is_compiling() and (backend == "torch" or (
-        backend == "triton" and (forward_uses_sweep(strategy, n_rows, D, V) if not needs_grad
-                                 else not training_uses_fused(strategy, n_rows, D, V))))
+    sweep = (forward_uses_sweep(strategy, n_rows, D, V) if not needs_grad
+             else not training_uses_fused(strategy, n_rows, D, V))
+    sweep = sweep or (return_accuracy and strategy != "fused")  # the accuracy comes from the sweep only
+    use_chunked = vp is None and not torch.compiler.is_compiling() and (
+        backend == "torch" or (backend == "triton" and sweep))
+    if return_accuracy and not use_chunked:
+        raise ValueError(
+            "token_logprobs: return_accuracy=True comes from the chunked statistics sweep: use impl='auto' or "
+            "'triton' with float16 / bfloat16 / float32 inputs, without vocab_parallel and outside torch.compile"
+        )
     if use_chunked:
         copts = ChunkedOptions(
             softcap=softcap, temperature=float(temperature), want_entropy=bool(return_entropy),
-            workspace_bytes=workspace_bytes,
+            want_accuracy=bool(return_accuracy), workspace_bytes=workspace_bytes,
             row_impl="triton" if backend == "triton" else "torch",
         )
         idx = active_row_index(y != ignore_index, active_rows)
-        nll, lse, _, ent = chunked_token_stats(h2, weight, bias, y, idx, copts)
-        return -nll, ent, lse
+        nll, lse, _, ent, acc = chunked_token_stats(h2, weight, bias, y, idx, copts)
+        return -nll, ent, lse, acc
     sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
                          want_sumz=False, want_entropy=bool(return_entropy))
     lse, nll, _, ent = _primitive(h2, weight, bias, y, sopts, backend, vp, stats_fn)
-    return -nll, ent, lse
+    return -nll, ent, lse, None
 
 
 def _shift_targets(targets, token_weight, shift: int, ignore_index: int):
