@@ -357,3 +357,47 @@ def test_strided_hidden_is_never_copied(call, cut, monkeypatch):
     with _RowCopies(n_rows, D) as mode:
         run(h)
     assert mode.copies, "the tracker must see reshape's copy"
+
+
+class _InPlaceMuls(TorchDispatchMode):
+    """Records the shapes of in-place multiplications (``mul_``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mul_.Tensor, torch.ops.aten.mul_.Scalar):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_weight_gradient_pass_when_the_upstream_gradient_is_one():
+    """The gradient-in-forward path scales its stored gradients by ``grad_output`` in the backward: skipped when it
+    is 1 (``loss.backward()``), applied otherwise (``(2·loss).backward()`` doubles every gradient)."""
+    h, W, b, y, w = _inputs(30, 37, 16, torch.float32, weights=True, seed=13)
+    grads = []
+    for factor in (1.0, 2.0):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, WW, y, token_weight=w)
+        with _InPlaceMuls() as mode:
+            (loss * factor if factor != 1.0 else loss).backward()
+        assert (tuple(W.shape) in mode.shapes) == (factor != 1.0), mode.shapes
+        grads.append((hh.grad, WW.grad))
+    for one, two in zip(*grads):
+        torch.testing.assert_close(two, 2 * one, rtol=0, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_unless_one_kernel(dtype):
+    """The device-side conditional scale: 1 leaves every element untouched, 3 scales all of them, the ragged last
+    block included."""
+    from t3s_kernels.linear_ce import kernels
+
+    x = torch.randn(4096 * 3 + 17).to(dtype)
+    y = x.clone()
+    kernels.scale_unless_one(y, torch.tensor([1.0]))
+    assert torch.equal(y, x)
+    kernels.scale_unless_one(y, torch.tensor([3.0]))
+    torch.testing.assert_close(y, (x.float() * 3).to(dtype), rtol=0, atol=0)
