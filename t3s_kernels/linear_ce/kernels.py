@@ -421,8 +421,9 @@ def _lce_chunk_row_kernel(
     ``COMPUTE_STATS``: online max / Σe^{z−m} over V tiles, with the target logit, ``Σ(z − m)`` and
     ``Σe^{z−m}(z − m)`` kept relative to the running max; writes ``lse``, ``nll = log s − (z_y − m)`` (never the
     difference of two absolute values), ``smooth = log s − Σ(z − m)/V``, ``ent``, and the row max ``m`` / ``log s``
-    (``rmax`` / ``logs``, what a later recompute forms ``p`` from), and ``acc = [z_y = max z]`` (``WANT_ACC``). Else ``lse``, ``rmax``, ``logs`` / ``ent`` are
-    read. ``p = e^{(z − m) − log s}`` is always relative to the row max (exact at large logits).
+    (``rmax`` / ``logs``, what a later recompute forms ``p`` from), and ``acc = [z_y = max z]`` (``WANT_ACC``).
+    Else ``lse``, ``rmax``, ``logs`` / ``ent`` are read. ``p = e^{(z − m) − log s}`` is always relative to the row
+    max (exact at large logits).
     ``WRITE_DX``: ``dx = [(g_lse + 2·g_lse2·lse)·p + g_tgt·[v = y] + g_sumz − g_ent·p·(z − lse + H)] / T · (1 − tanh²)``
     in ``dx``'s dtype (may alias ``x``: each tile is read before it is written).
     """
