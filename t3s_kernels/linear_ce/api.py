@@ -43,13 +43,25 @@ STRATEGIES = ("auto", "fused", "chunked")
 
 
 class TokenLogprobs(NamedTuple):
-    """Per-token outputs of :func:`token_logprobs`, fp32 with the shape of ``targets`` (0 at ignored positions);
-    ``accuracy`` is 1.0 where the target logit is the row's maximum (ties count as correct), else 0.0."""
+    """Per-token outputs of :func:`token_logprobs`, fp32 with the shape of ``targets`` (0 at ignored positions).
+
+    ``accuracy`` (``return_accuracy=True``; else ``None``) is an attribute, not a tuple field, so code that
+    unpacks or iterates the three outputs is unchanged: 1.0 where the target logit is the row's maximum (ties
+    count as correct), else 0.0."""
 
     logprob: torch.Tensor
     entropy: torch.Tensor | None
     lse: torch.Tensor | None
-    accuracy: torch.Tensor | None = None
+    accuracy = None  # class default; :class:`_TokenLogprobsWithAccuracy` instances carry their own
+
+
+class _TokenLogprobsWithAccuracy(TokenLogprobs):
+    """A :class:`TokenLogprobs` carrying the ``accuracy`` attribute."""
+
+    def __new__(cls, logprob, entropy, lse, accuracy):
+        self = super().__new__(cls, logprob, entropy, lse)
+        self.accuracy = accuracy
+        return self
 
 
 def _autocast_entry(fn):
@@ -201,9 +213,8 @@ def token_logprobs(
         strategy=strategy,
         active_rows=active_rows, workspace_bytes=workspace_bytes, vp=vp, stats_fn=_stats_fn(),
     )
-    return TokenLogprobs(
-        logprob.reshape(shape),
-        ent.reshape(shape) if return_entropy else None,
-        lse.reshape(shape) if return_lse else None,
-        acc.reshape(shape) if return_accuracy else None,
-    )
+    outs = (logprob.reshape(shape), ent.reshape(shape) if return_entropy else None,
+            lse.reshape(shape) if return_lse else None)
+    if return_accuracy:
+        return _TokenLogprobsWithAccuracy(*outs, acc.reshape(shape))
+    return TokenLogprobs(*outs)
