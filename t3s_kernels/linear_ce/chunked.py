@@ -41,9 +41,12 @@ Weight-gradient accumulation (the dW contract; the N-outer loop sums ``dW`` over
   D = 4096, above the 1 GiB budget); every chunk buffer is freed first and the accumulator is cast into the output
   in row blocks, so only the accumulator and the output (a returned gradient) are live then.
 
-Measured error of ``dW`` against an fp64 oracle (relative Frobenius, bf16 inputs, N = 4096, D = 256, V = 8192, CPU
-fp32 GEMMs with the default 256 MiB budget = 32 super-chunks; ``python -m t3s_kernels.linear_ce.chunked`` prints
-it): see ``DW_ERROR_MEASURED``.
+Measured error of ``dW`` against an fp64 oracle (relative Frobenius ``‖dW − dW₆₄‖ / ‖dW₆₄‖``; CPU, bf16 inputs,
+sum reduction, N = 8192, D = 1024, V = 32768, 25 super-chunks as on a GPU at N = 32768 with the default budget;
+``python -m bench.dw_error``): bf16 weights, ``"weight_dtype"`` **5.8e-3**; bf16 weights, ``"fp32"`` **1.7e-3**
+(the final rounding to bf16 alone); fp32 master weights under a bf16 compute **2.8e-7** (fp32 accumulation). The
+weight-dtype error grows with the number of super-chunks; the tests hold it under 1.5e-2 (and the fp32 mode under
+6e-3).
 
 Active rows: the caller may hand the row index over (``active_rows``); otherwise it is ``nonzero(active)``, one
 host read of the count on CUDA (free on CPU). Rows outside the index contribute exactly nothing (exact zeros in
@@ -56,6 +59,7 @@ smoothing and the entropy accumulator are kept relative to the max too.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -69,6 +73,8 @@ __all__ = [
     "Stats",
     "active_row_index",
     "plan_chunks",
+    "row_count",
+    "rows_view",
     "recompute_backward",
     "stats_and_grads",
     "sweep_gradients",
@@ -92,6 +98,7 @@ class ChunkedOptions:
     z_loss: float = 0.0
     want_smooth: bool = False
     want_entropy: bool = False
+    want_accuracy: bool = False
     workspace_bytes: int | None = None
     weight_grad_accumulation: str = "weight_dtype"
     row_impl: str = "torch"
@@ -106,6 +113,7 @@ class Stats(NamedTuple):
     entropy: torch.Tensor | None  # −Σ p log p
     row_max: torch.Tensor | None = None  # max z and log Σ e^{z − max} (Triton rows: what a recompute forms p from;
     log_s: torch.Tensor | None = None  # the torch rows recompute log_softmax itself)
+    accuracy: torch.Tensor | None = None  # 1.0 where z_y is the row max (ties count), else 0.0
 
 
 class RowGrads(NamedTuple):
@@ -255,13 +263,16 @@ def _rows_torch(z, scratch, y, bias, opts: ChunkedOptions, V: int, *, stats: boo
     lse = z.gather(1, yi).reshape(-1) + nll if need_lse else None
     # p goes to a buffer that may be overwritten: z itself unless its values are still needed (softcap derivative)
     p = scratch[1] if softcap is not None and g is not None else z
+    acc = None
+    if stats and opts.want_accuracy:  # before p may overwrite z: the target attains the row max (ties count)
+        acc = (z.gather(1, yi).reshape(-1) >= z.amax(1)).float()
     if g is not None or want_h:
         torch.exp(logp, out=p)
     ent = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).reshape(-1).clamp_max(0) if want_h else None
     out = None
     if stats:
         smooth = -logp.sum(1) / V if opts.want_smooth else None
-        out = Stats(lse, nll.clamp_min(0), smooth, ent if opts.want_entropy else None)
+        out = Stats(lse, nll.clamp_min(0), smooth, ent if opts.want_entropy else None, accuracy=acc)
     if g is None:
         return out
     inv_t = 1.0 / temp  # dz / temperature: folded into the per-row coefficients
@@ -294,16 +305,19 @@ def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_i
         lse, nll, rmax, logs = (torch.empty(k, **f32) for _ in range(4))
         smooth = torch.empty(k, **f32) if opts.want_smooth else None
         ent = torch.empty(k, **f32) if want_ent else None
+        acc = torch.empty(k, **f32) if opts.want_accuracy else None
     else:
+        acc = None
         lse, nll, smooth, ent = lse_in, None, None, ent_in
         rmax, logs = rel_in
     K.lce_chunk_rows(
         z, dx_out, bias, y, lse, ent, nll, smooth, rmax, logs, g, softcap=opts.softcap,
         temperature=opts.temperature, compute_stats=stats, want_smooth=opts.want_smooth, want_entropy=want_ent,
+        acc=acc,
     )
     if not stats:
         return None
-    return Stats(lse, nll, smooth, ent if opts.want_entropy else None, rmax, logs)
+    return Stats(lse, nll, smooth, ent if opts.want_entropy else None, rmax, logs, acc)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,9 +354,12 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
     statistics (else ``lse_in`` / ``ent_in`` and, for the Triton rows, ``rel_in = (row max, log s)``, compact,
     replace them); ``grads``: compact per-row coefficients of
     ``dlogits`` (``g_lse2`` uses the row's own LSE). Returns ``(Stats | None, dh, dw, db)``."""
-    N, D = hidden.shape
+    D = hidden.shape[-1]
+    N = row_count(hidden)
     V = weight.shape[0]
     dev = hidden.device
+    if hidden.dim() != 2 and idx is None:  # strided [..., D] rows (no [N, D] copy): gathered per chunk
+        idx = torch.arange(N, device=dev)
     n = N if idx is None else idx.numel()
     with_dx = grads is not None
     plan = plan_chunks(n, V, D, hidden, opts, with_dx=with_dx, gather=idx is not None,
@@ -364,9 +381,10 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
         rel = opts.row_impl == "triton"
         st = [torch.empty(n, **f32), torch.empty(n, **f32),
               torch.empty(n, **f32) if opts.want_smooth else None, torch.empty(n, **f32) if opts.want_entropy else None,
-              torch.empty(n, **f32) if rel else None, torch.empty(n, **f32) if rel else None]
+              torch.empty(n, **f32) if rel else None, torch.empty(n, **f32) if rel else None,
+              torch.empty(n, **f32) if opts.want_accuracy else None]
     if n == 0:
-        return _finish(st, dh, dw_acc, db_acc, weight, bias)
+        return _finish(st, dh, dw_acc, db_acc, weight, bias, hidden.shape)
 
     # workspace, allocated once and reused by every chunk
     w_c = _gemm_weight(weight, hidden.dtype, cdt)
@@ -385,7 +403,7 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
         k = s1 - s0
         if idx is not None:
             r_idx = idx[s0:s1]
-            h_c = torch.index_select(hidden, 0, r_idx, out=hbuf[:k])
+            h_c = _gather_rows(hidden, r_idx, hbuf[:k])
             y_c = y.index_select(0, r_idx)
         else:
             h_c, y_c = hidden[s0:s1], y[s0:s1]
@@ -429,7 +447,29 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
             db_acc += dx_big.sum(0, dtype=torch.float32)
     # the chunk buffers go before the accumulator is cast, so the two never add up
     del big, zbuf, scratch, hbuf, hcbuf, dhbuf, w_c, h_c, dx_big
-    return _finish(st, dh, dw_acc, db_acc, weight, bias)
+    return _finish(st, dh, dw_acc, db_acc, weight, bias, hidden.shape)
+
+
+def row_count(hidden: torch.Tensor) -> int:
+    """Rows of ``hidden [..., D]``."""
+    return math.prod(hidden.shape[:-1])
+
+
+def rows_view(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden [..., D]`` as ``[N, D]`` when that is a view (contiguous leading dims, or one batch row of a
+    slice); otherwise ``hidden`` itself, which the sweep reads row-gathered per chunk (``hidden[:, :-1]`` of a
+    batch, ``hidden[:, :L]`` of the dLLM's ``[x_t ‖ x_0]``): never an ``[N, D]`` copy."""
+    try:
+        return hidden.view(-1, hidden.shape[-1])
+    except RuntimeError:
+        return hidden
+
+
+def _gather_rows(hidden: torch.Tensor, r_idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``r_idx`` (flat over the leading dims) of ``hidden [..., D]`` into ``out [k, D]``."""
+    if hidden.dim() == 2:
+        return torch.index_select(hidden, 0, r_idx, out=out)
+    return out.copy_(hidden[torch.unravel_index(r_idx, hidden.shape[:-1])])
 
 
 def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) -> torch.Tensor:
@@ -460,8 +500,9 @@ def _cast_rows(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _finish(st, dh, dw_acc, db_acc, weight, bias):
+def _finish(st, dh, dw_acc, db_acc, weight, bias, hidden_shape):
     stats = Stats(*st) if st is not None else None
+    dh = dh.view(hidden_shape) if dh is not None else None
     dw = None
     if dw_acc is not None:
         dw = _cast_rows(dw_acc, weight.dtype)

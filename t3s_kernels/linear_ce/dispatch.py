@@ -15,7 +15,7 @@ import torch
 
 from .._triton import resolve_impl
 from . import _checks
-from .chunked import ChunkedOptions, active_row_index
+from .chunked import ChunkedOptions, active_row_index, row_count, rows_view
 from .function import StatsOptions, chunked_cross_entropy, chunked_token_stats, linear_token_stats
 from .vocab_parallel import vocab_parallel_token_stats
 
@@ -161,18 +161,14 @@ def _denominator_fn(normalizer, w, active, device):
     return denominator
 
 
-def _rows_2d(hidden: torch.Tensor, D: int) -> torch.Tensor:
-    return hidden.reshape(-1, D)
-
-
 def lce_forward(hidden, weight, bias, y, w, call: LossCall, *, normalizer, active_rows, vp, stats_fn):
     """The loss of a validated call on ``[N]`` targets ``y`` and fp32 weights ``w`` (or ``None``); returns the loss
     and, when asked, the per-token ``lse`` ([N]). ``stats_fn``: the per-token primitive (the custom op under
     ``torch.compile``)."""
     V, D = weight.shape
     V = V if vp is None else vp.vocab_size
-    h2 = _rows_2d(hidden, D)
-    N = h2.shape[0]
+    h2 = rows_view(hidden)  # a view, or the strided [..., D] tensor the chunked sweep gathers from (no copy)
+    N = row_count(hidden)
     if w is not None:  # weight 0 ≡ ignored: the primitive then skips the row
         y = torch.where(w != 0, y, torch.full_like(y, call.ignore_index))
     active = y != call.ignore_index
@@ -197,7 +193,7 @@ def lce_forward(hidden, weight, bias, y, w, call: LossCall, *, normalizer, activ
             if call.reduction == "mean":
                 coef = coef / denominator(torch.float32)
             return chunked_cross_entropy(h2, weight, bias, y, coef, idx, copts), None
-        nll, lse, smooth, _ = chunked_token_stats(h2, weight, bias, y, idx, copts)
+        nll, lse, smooth, _, _ = chunked_token_stats(h2, weight, bias, y, idx, copts)
         return _reduce(_ce_per_token(nll, smooth, lse, eps, zl), w, call.reduction, denominator), lse
     sopts = StatsOptions(ignore_index=call.ignore_index, softcap=call.softcap, temperature=call.temperature,
                          want_sumz=eps > 0)
@@ -208,7 +204,8 @@ def lce_forward(hidden, weight, bias, y, w, call: LossCall, *, normalizer, activ
 
 def _primitive(h2, weight, bias, y, sopts: StatsOptions, backend: str, vp, stats_fn):
     """The per-token primitive outside the chunked path: vocabulary-parallel shards, the compiled op, the fused
-    Triton strategy and the reference."""
+    Triton strategy and the reference (they take ``[N, D]``: a strided ``hidden`` is copied here)."""
+    h2 = h2.reshape(-1, h2.shape[-1])
     if vp is not None or backend == "reference":
         weight, h2 = master_weight_view(weight, h2)
     if vp is not None:
@@ -216,30 +213,38 @@ def _primitive(h2, weight, bias, y, sopts: StatsOptions, backend: str, vp, stats
     return stats_fn(h2, weight, bias, y, sopts, backend)
 
 
-def token_logprobs_forward(hidden, weight, bias, y, *, ignore_index, softcap, temperature, return_entropy, impl, strategy, active_rows, workspace_bytes, vp, stats_fn):
-    """``(logprob, entropy | None, lse)`` ``[N]`` of a validated :func:`token_logprobs` call."""
+def token_logprobs_forward(hidden, weight, bias, y, *, ignore_index, softcap, temperature, return_entropy,
+                           return_accuracy, impl, strategy, active_rows, workspace_bytes, vp, stats_fn):
+    """``(logprob, entropy | None, lse, accuracy | None)`` ``[N]`` of a validated :func:`token_logprobs` call."""
     V, D = weight.shape
-    h2 = _rows_2d(hidden, D)
-    N = h2.shape[0]
+    h2 = rows_view(hidden)  # a view, or the strided [..., D] tensor the chunked sweep gathers from (no copy)
+    N = row_count(hidden)
     backend = backend_for(impl, hidden.device, hidden.dtype, N)
     needs_grad = _needs_grad(hidden, weight, bias)
     n_rows = active_rows.numel() if active_rows is not None else N
-    use_chunked = vp is None and not torch.compiler.is_compiling() and (backend == "torch" or (
-        backend == "triton" and (forward_uses_sweep(strategy, n_rows, D, V) if not needs_grad
-                                 else not training_uses_fused(strategy, n_rows, D, V))))
+    sweep = (forward_uses_sweep(strategy, n_rows, D, V) if not needs_grad
+             else not training_uses_fused(strategy, n_rows, D, V))
+    sweep = sweep or (return_accuracy and strategy != "fused")  # the accuracy comes from the sweep only
+    use_chunked = vp is None and not torch.compiler.is_compiling() and (
+        backend == "torch" or (backend == "triton" and sweep))
+    if return_accuracy and not use_chunked:
+        raise ValueError(
+            "token_logprobs: return_accuracy=True comes from the chunked statistics sweep: use impl='auto' or "
+            "'triton' with float16 / bfloat16 / float32 inputs, without vocab_parallel and outside torch.compile"
+        )
     if use_chunked:
         copts = ChunkedOptions(
             softcap=softcap, temperature=float(temperature), want_entropy=bool(return_entropy),
-            workspace_bytes=workspace_bytes,
+            want_accuracy=bool(return_accuracy), workspace_bytes=workspace_bytes,
             row_impl="triton" if backend == "triton" else "torch",
         )
         idx = active_row_index(y != ignore_index, active_rows)
-        nll, lse, _, ent = chunked_token_stats(h2, weight, bias, y, idx, copts)
-        return -nll, ent, lse
+        nll, lse, _, ent, acc = chunked_token_stats(h2, weight, bias, y, idx, copts)
+        return -nll, ent, lse, acc
     sopts = StatsOptions(ignore_index=ignore_index, softcap=softcap, temperature=float(temperature),
                          want_sumz=False, want_entropy=bool(return_entropy))
     lse, nll, _, ent = _primitive(h2, weight, bias, y, sopts, backend, vp, stats_fn)
-    return -nll, ent, lse
+    return -nll, ent, lse, None
 
 
 def _shift_targets(targets, token_weight, shift: int, ignore_index: int):

@@ -180,7 +180,7 @@ class ChunkedStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, idx, opts: ChunkedOptions):
-        N = hidden.shape[0]
+        N = chunked.row_count(hidden)
         st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
         full = [None if t is None else chunked.scatter_rows(t, idx, N) for t in st[:4]]
         ent_compact = st.entropy
@@ -188,13 +188,18 @@ class ChunkedStatsFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, idx, full[0], full[3] if ent_compact is not None else None,
                               st.row_max, st.log_s)
         ctx.set_materialize_grads(False)
-        return tuple(t for t in full if t is not None)
+        outs = tuple(t for t in full if t is not None)
+        if st.accuracy is None:
+            return outs
+        acc = chunked.scatter_rows(st.accuracy, idx, N)
+        ctx.mark_non_differentiable(acc)
+        return (*outs, acc)
 
     @staticmethod
     def backward(ctx, *grads):
         opts: ChunkedOptions = ctx.opts
         hidden, weight, bias, targets, idx, lse, ent, row_max, log_s = ctx.saved_tensors
-        grads = list(grads)
+        grads = list(grads[:-1] if opts.want_accuracy else grads)  # the accuracy output has no gradient
         g_lse, g_nll = grads[0], grads[1]
         g_smooth = grads[2] if opts.want_smooth else None
         g_ent = grads[-1] if opts.want_entropy else None
@@ -209,20 +214,22 @@ class ChunkedStatsFunction(torch.autograd.Function):
 
 
 def chunked_token_stats(hidden, weight, bias, targets, idx, opts: ChunkedOptions):
-    """Per-token ``(nll, lse, smooth | None, entropy | None)`` ``[N]`` through the chunked path: an autograd
-    Function when a gradient is needed, else one forward sweep that stores nothing."""
-    N = hidden.shape[0]
+    """Per-token ``(nll, lse, smooth | None, entropy | None, accuracy | None)`` ``[N]`` through the chunked path:
+    an autograd Function when a gradient is needed, else one forward sweep that stores nothing."""
+    N = chunked.row_count(hidden)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         outs = list(ChunkedStatsFunction.apply(hidden, weight, bias, targets, idx, opts))
         lse, nll = outs[0], outs[1]
+        acc = outs.pop() if opts.want_accuracy else None
         smooth = outs[2] if opts.want_smooth else None
         ent = outs[-1] if opts.want_entropy else None
-        return nll, lse, smooth, ent
+        return nll, lse, smooth, ent, acc
     with torch.no_grad():
         st = chunked.stats_only(hidden, weight, bias, targets, idx, opts)
     lse, nll, smooth, ent = (None if t is None else chunked.scatter_rows(t, idx, N) for t in st[:4])
-    return nll, lse, smooth, ent
+    acc = None if st.accuracy is None else chunked.scatter_rows(st.accuracy, idx, N)
+    return nll, lse, smooth, ent, acc
 
 
 def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backend: str):
@@ -238,7 +245,7 @@ def linear_token_stats(hidden, weight, bias, targets, opts: StatsOptions, backen
         copts = ChunkedOptions(softcap=opts.softcap, temperature=opts.temperature, want_smooth=opts.want_sumz,
                                want_entropy=opts.want_entropy, row_impl="torch")
         idx = chunked.active_row_index(targets != opts.ignore_index, None)
-        nll, lse, smooth, ent = chunked_token_stats(hidden, weight, bias, targets, idx, copts)
+        nll, lse, smooth, ent, _ = chunked_token_stats(hidden, weight, bias, targets, idx, copts)
         sumz = (lse - smooth) * weight.shape[0] if smooth is not None else None  # smooth = lse − Σz / V
         return lse, nll, sumz, ent
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

@@ -410,19 +410,20 @@ def _lce_bwd_dw_kernel(
 
 @triton.jit
 def _lce_chunk_row_kernel(
-    x, dx, b, y, lse, ent, nll, smooth, rmax, logs, g_lse, g_tgt, g_sumz, g_ent, g_lse2, stride_xn, stride_dxn, V,
+    x, dx, b, y, lse, ent, nll, smooth, rmax, logs, acc, g_lse, g_tgt, g_sumz, g_ent, g_lse2, stride_xn, stride_dxn, V,
     softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_STATS: tl.constexpr, WANT_SMOOTH: tl.constexpr,
     WANT_ENTROPY: tl.constexpr, WRITE_DX: tl.constexpr, HAS_G_SUMZ: tl.constexpr, HAS_G_ENT: tl.constexpr,
-    HAS_G_LSE2: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_G_LSE2: tl.constexpr, WANT_ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per (active) row of fp32 raw logits ``x`` (the chunked path of :mod:`.chunked`).
 
     ``COMPUTE_STATS``: online max / Σe^{z−m} over V tiles, with the target logit, ``Σ(z − m)`` and
     ``Σe^{z−m}(z − m)`` kept relative to the running max; writes ``lse``, ``nll = log s − (z_y − m)`` (never the
     difference of two absolute values), ``smooth = log s − Σ(z − m)/V``, ``ent``, and the row max ``m`` / ``log s``
-    (``rmax`` / ``logs``, what a later recompute forms ``p`` from). Else ``lse``, ``rmax``, ``logs`` / ``ent`` are
-    read. ``p = e^{(z − m) − log s}`` is always relative to the row max (exact at large logits).
+    (``rmax`` / ``logs``, what a later recompute forms ``p`` from), and ``acc = [z_y = max z]`` (``WANT_ACC``).
+    Else ``lse``, ``rmax``, ``logs`` / ``ent`` are read. ``p = e^{(z − m) − log s}`` is always relative to the row
+    max (exact at large logits).
     ``WRITE_DX``: ``dx = [(g_lse + 2·g_lse2·lse)·p + g_tgt·[v = y] + g_sumz − g_ent·p·(z − lse + H)] / T · (1 − tanh²)``
     in ``dx``'s dtype (may alias ``x``: each tile is read before it is written).
     """
@@ -458,6 +459,8 @@ def _lce_chunk_row_kernel(
         tl.store(rmax + i_n, b_m)
         tl.store(logs + i_n, b_log_s)
         tl.store(nll + i_n, tl.maximum(b_log_s - (b_t - b_m), 0.0))
+        if WANT_ACC:  # the target attains the row max (ties count as correct); both exact values of one z
+            tl.store(acc + i_n, (b_t >= b_m).to(tl.float32))
         if WANT_SMOOTH:
             tl.store(smooth + i_n, b_log_s - b_sd / V)
         if WANT_ENTROPY:
@@ -848,7 +851,7 @@ def chunk_row_block(V: int) -> dict:
 
 
 def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, rmax, logs, g, *, softcap, temperature,
-                   compute_stats: bool, want_smooth: bool, want_entropy: bool) -> None:
+                   compute_stats: bool, want_smooth: bool, want_entropy: bool, acc=None) -> None:
     """Launch ``_lce_chunk_row_kernel`` over the ``k`` rows of fp32 raw logits ``x [k, V]`` (the chunked path).
 
     ``g``: a :class:`~t3s_kernels.linear_ce.chunked.RowGrads` of ``[k]`` fp32 coefficients (``dx`` written) or
@@ -866,7 +869,7 @@ def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, rmax, logs, g, *, soft
 
     _lce_chunk_row_kernel[(k,)](
         x=x, dx=dx if write_dx else x, b=bias if bias is not None else x, y=y.contiguous(), lse=lse,
-        ent=arg(ent), nll=arg(nll), smooth=arg(smooth), rmax=rmax, logs=logs,
+        ent=arg(ent), nll=arg(nll), smooth=arg(smooth), rmax=rmax, logs=logs, acc=arg(acc),
         g_lse=arg(g.g_lse if write_dx else None), g_tgt=arg(g.g_tgt if write_dx else None),
         g_sumz=arg(g.g_sumz if write_dx else None), g_ent=arg(g.g_ent if write_dx else None),
         g_lse2=arg(g.g_lse2 if write_dx else None),
@@ -876,5 +879,6 @@ def lce_chunk_rows(x, dx, bias, y, lse, ent, nll, smooth, rmax, logs, g, *, soft
         WANT_SMOOTH=compute_stats and want_smooth, WANT_ENTROPY=compute_stats and want_entropy,
         WRITE_DX=write_dx, HAS_G_SUMZ=write_dx and g.g_sumz is not None,
         HAS_G_ENT=write_dx and g.g_ent is not None, HAS_G_LSE2=write_dx and g.g_lse2 is not None,
+        WANT_ACC=compute_stats and acc is not None,
         **chunk_row_block(V),
     )

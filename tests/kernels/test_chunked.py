@@ -302,3 +302,102 @@ def test_traced_gemm_flops(n_active):
     with torch.no_grad():
         yy = torch.where(w > 0, y, -100)
         assert _gemm_flops(lambda: token_logprobs(h, W, yy)) == 2 * unit
+
+
+class _RowCopies(TorchDispatchMode):
+    """Records every tensor an op produces that holds ``>= n_rows`` rows of width ``D`` (an ``[N, D]`` copy)."""
+
+    def __init__(self, n_rows: int, D: int):
+        super().__init__()
+        self.n_rows, self.D, self.copies = n_rows, D, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.D and t.numel() >= self.n_rows * self.D:
+                self.copies.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("call", ["mean", "none", "logprobs-no-grad"])
+@pytest.mark.parametrize("cut", ["drop-last", "first-L"])
+def test_strided_hidden_is_never_copied(call, cut, monkeypatch):
+    """``hidden[:, :-1]`` (the profiler's shift) and ``hidden[:, :L]`` (the dLLM's x_t half) are not viewable as
+    ``[N, D]``: the chunked sweep gathers their rows per chunk, so no op makes an ``[N, D]``-sized tensor (here
+    ``W`` alone needs a gradient, so no ``dh`` either; a small workspace keeps each chunk's gathered rows below
+    N); values equal the contiguous call's. With the old
+    ``reshape`` the same tracker sees the copy (the check can fail)."""
+    from t3s_kernels.linear_ce import dispatch
+
+    B, T, D, V = 4, 66, 16, 37
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(B, T, D, generator=g)
+    h = full[:, :-1] if cut == "drop-last" else full[:, : T // 2]
+    y = torch.randint(0, V, h.shape[:-1], generator=g)
+    W = torch.randn(V, D, generator=g)
+    n_rows = h.shape[0] * h.shape[1]
+
+    def run(hidden):
+        WW = W.clone().requires_grad_()
+        if call == "logprobs-no-grad":
+            with torch.no_grad():
+                return token_logprobs(hidden, WW, y, return_entropy=True, workspace_bytes=24 * V * 4).logprob, None
+        loss = linear_cross_entropy(hidden, WW, y, reduction=call, workspace_bytes=24 * V * 4)
+        loss.sum().backward()
+        return loss, WW.grad
+
+    with _RowCopies(n_rows, D) as mode:
+        got = run(h)
+    assert mode.copies == [], mode.copies
+    want = run(h.contiguous())
+    for a, b in zip(got, want):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(dispatch, "rows_view", lambda t: t.reshape(-1, t.shape[-1]))
+    with _RowCopies(n_rows, D) as mode:
+        run(h)
+    assert mode.copies, "the tracker must see reshape's copy"
+
+
+class _InPlaceMuls(TorchDispatchMode):
+    """Records the shapes of in-place multiplications (``mul_``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mul_.Tensor, torch.ops.aten.mul_.Scalar):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_weight_gradient_pass_when_the_upstream_gradient_is_one():
+    """The gradient-in-forward path scales its stored gradients by ``grad_output`` in the backward: skipped when it
+    is 1 (``loss.backward()``), applied otherwise (``(2·loss).backward()`` doubles every gradient)."""
+    h, W, b, y, w = _inputs(30, 37, 16, torch.float32, weights=True, seed=13)
+    grads = []
+    for factor in (1.0, 2.0):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, WW, y, token_weight=w)
+        with _InPlaceMuls() as mode:
+            (loss * factor if factor != 1.0 else loss).backward()
+        assert (tuple(W.shape) in mode.shapes) == (factor != 1.0), mode.shapes
+        grads.append((hh.grad, WW.grad))
+    for one, two in zip(*grads):
+        torch.testing.assert_close(two, 2 * one, rtol=0, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scale_unless_one_kernel(dtype):
+    """The device-side conditional scale: 1 leaves every element untouched, 3 scales all of them, the ragged last
+    block included."""
+    from t3s_kernels.linear_ce import kernels
+
+    x = torch.randn(4096 * 3 + 17).to(dtype)
+    y = x.clone()
+    kernels.scale_unless_one(y, torch.tensor([1.0]))
+    assert torch.equal(y, x)
+    kernels.scale_unless_one(y, torch.tensor([3.0]))
+    torch.testing.assert_close(y, (x.float() * 3).to(dtype), rtol=0, atol=0)

@@ -215,9 +215,9 @@ def test_ignored_rows_do_not_leak(strategy, poison_empty):
 
 @pytest.mark.triton
 def test_strategy_dispatch(monkeypatch):
-    """auto: the cost rule (``dispatch.FUSED_MAX_FLOPS``) picks the chunked path for every reduction above it — weighted,
-    ``none``, ``return_lse`` alike (behaviour changed: it used to depend on which argument was passed) — and the
-    fused kernels for calls at or below it; forward-only without grad, where ``forward_uses_sweep`` picks the fused
+    """auto: the cost rule (``dispatch.FUSED_MAX_FLOPS``) picks the chunked path for every reduction above it —
+    weighted, ``none``, ``return_lse`` alike (behaviour changed: it used to depend on which argument was passed) —
+    and the fused kernels for calls at or below it; forward-only without grad, where ``forward_uses_sweep`` picks the fused
     forward kernel for tiny calls and the statistics sweep above its threshold. impl="auto" on CPU is the chunked
     path."""
     from t3s_kernels.linear_ce import chunked as lce_chunked

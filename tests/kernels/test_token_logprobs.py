@@ -136,3 +136,45 @@ def test_token_logprobs_bad_arguments(override, exc, match):
     args.update(override)
     with pytest.raises(exc, match=match):
         token_logprobs(h, args.pop("weight"), args.pop("targets"), **args)
+
+
+@pytest.mark.parametrize("impl", ["auto", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_accuracy_against_the_oracle(impl, grad, poison_empty):
+    """``return_accuracy``: 1.0 where ``z_y`` is the row maximum, ties counted as correct (two vocabulary rows are
+    duplicates, so their logits tie exactly in every precision, and some targets point at them), 0 at ignored
+    positions; against an fp64 oracle of the same rule, from the same sweep as the log-probs (which stay exact)."""
+    g = torch.Generator().manual_seed(5)
+    N, V, D = 40, 23, 12
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64)
+    W[7] = W[3]  # classes 3 and 7 tie on every row
+    h[1::4] = 3.0 * W[3] + 0.1 * h[1::4]  # rows where they are the maximum
+    z = h @ W.t()
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::3] = z.argmax(1)[::3]  # plenty of correct rows
+    tie_rows = (z.argmax(1) == 3) | (z.argmax(1) == 7)
+    y[tie_rows] = 7  # the second of the tied maxima: argmax alone would call it wrong
+    y[::7] = -100
+    assert tie_rows.any()
+    hh, WW = h.float().requires_grad_(grad), W.float().requires_grad_(grad)
+    out = token_logprobs(hh, WW, y, return_accuracy=True, impl=impl)
+    z32 = (h.float() @ W.float().t()).double()  # the rule on the logits the call computes (fp32)
+    active = y != -100
+    safe_y = torch.where(active, y, 0)
+    want = ((z32.gather(1, safe_y[:, None])[:, 0] >= z32.max(1).values) & active).float()
+    assert out.accuracy.dtype == torch.float32 and not out.accuracy.requires_grad
+    torch.testing.assert_close(out.accuracy, want, rtol=0, atol=0)
+    assert out.accuracy[tie_rows & active].eq(1).all()
+    ref = naive_token_logprobs(h, W, y)[0]
+    torch.testing.assert_close(out.logprob.double(), ref, rtol=1e-5, atol=1e-5)
+    if grad:
+        out.logprob.sum().backward()
+        assert torch.isfinite(hh.grad).all() and torch.isfinite(WW.grad).all()
+
+
+def test_accuracy_needs_the_sweep():
+    h, W, y = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+    with pytest.raises(ValueError, match="return_accuracy"):
+        token_logprobs(h, W, y, return_accuracy=True, impl="reference")
+    assert token_logprobs(h, W, y).accuracy is None
