@@ -469,7 +469,17 @@ def _gather_rows(hidden: torch.Tensor, r_idx: torch.Tensor, out: torch.Tensor) -
     """Rows ``r_idx`` (flat over the leading dims) of ``hidden [..., D]`` into ``out [k, D]``."""
     if hidden.dim() == 2:
         return torch.index_select(hidden, 0, r_idx, out=out)
-    return out.copy_(hidden[torch.unravel_index(r_idx, hidden.shape[:-1])])
+    return out.copy_(hidden[_unravel(r_idx, hidden.shape[:-1])])
+
+
+def _unravel(flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """``torch.unravel_index`` by integer division with Python-int sizes: it builds no index tensor of its own
+    on the device (the cost model's tracer, like a CUDA graph, sees only tensors derived from ``flat``)."""
+    index = []
+    for size in reversed(shape[1:]):
+        index.append(flat % size)
+        flat = flat // size
+    return (flat, *reversed(index))
 
 
 def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) -> torch.Tensor:

@@ -163,11 +163,11 @@ def test_reference_large_vocab_262144():
 def test_auto_on_cpu_runs_chunked_path_with_reference_forward_and_oracle_gradients(monkeypatch, workspace_bytes):
     """``impl="auto"`` on CPU goes through the chunked PyTorch path (the reference does not); its forward equals
     the reference bit for bit; its gradients are within the fp32 budget of the float64 oracle."""
-    from t3s_kernels.linear_ce import api
+    from t3s_kernels.linear_ce import dispatch
 
     calls = []
-    real = api.chunked_cross_entropy
-    monkeypatch.setattr(api, "chunked_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dispatch.chunked_cross_entropy
+    monkeypatch.setattr(dispatch, "chunked_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
     h, W, b, y, w = _inputs((5, 4), 13, 7, dtype=torch.float32, bias=True, weights=True)
     kw = dict(token_weight=w, label_smoothing=0.1)
     r = linear_cross_entropy(h, W, y, bias=b, impl="reference", **kw)
