@@ -113,7 +113,9 @@ def sample_noise_levels(
             ``"bd3lm"`` — BD3-LM's antithetic sampler (``diffusion.py:776-781``): ``t_i = (u_i/U + i/U) mod 1``
             over all units in row-major order (each stratum once; a sequence's blocks share a band);
             ``"stratified_perm"`` — strata over the active units, randomly permuted (uniform marginals, every
-            stratum once, no within-sequence banding; anchors note §6.3).
+            stratum once, no within-sequence banding; anchors note §6.3). The permutation ranks the active units by
+            the second Philox word of their counter (stable sort), so it is launch-invariant too.
+        Then ``t = eps_min + (eps_max − eps_min) · t01`` (the affine map of BD3-LM's ``_sample_t``), clipped.
     """
     n = unit_index.numel()
     u = philox_uniform(seed, step, unit_index, stream=1, word=0)
