@@ -295,17 +295,19 @@ def _rows_torch(z, scratch, y, bias, opts: ChunkedOptions, V: int, *, stats: boo
 
 
 def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_in, ent_in, g: RowGrads | None,
-                 dx_out, rel_in=None):
+                 dx_out, rel_in=None, stats_out=None):
+    """``stats_out``: the ``[k]`` slices of the call's statistics outputs (:class:`Stats` order), written by the
+    kernel in place: no per-chunk temporaries and no copy launches after it."""
     from . import kernels as K
 
     k = z.shape[0]
     f32 = dict(dtype=torch.float32, device=z.device)
     want_ent = opts.want_entropy or (g is not None and g.g_ent is not None)
     if stats:
-        lse, nll, rmax, logs = (torch.empty(k, **f32) for _ in range(4))
-        smooth = torch.empty(k, **f32) if opts.want_smooth else None
-        ent = torch.empty(k, **f32) if want_ent else None
-        acc = torch.empty(k, **f32) if opts.want_accuracy else None
+        out = list(stats_out) if stats_out is not None else [None] * len(Stats._fields)
+        wanted = (True, True, opts.want_smooth, want_ent, True, True, opts.want_accuracy)
+        lse, nll, smooth, ent, rmax, logs, acc = (
+            buf if buf is not None or not want else torch.empty(k, **f32) for buf, want in zip(out, wanted))
     else:
         acc = None
         lse, nll, smooth, ent = lse_in, None, None, ent_in
@@ -420,16 +422,13 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
             else:
                 z = zbuf[: j1 - j0]
                 _logits_fp32(z, h_c[j0:j1], w_c)
-            s_out = _rows(
+            _rows(
                 z, scratch, y_c[j0:j1], b32, opts, V, stats=stats,
                 lse_in=lse_in[sl] if lse_in is not None else None, ent_in=ent_in[sl] if ent_in is not None else None,
                 g=grads.take(sl) if with_dx else None, dx_out=dx_big[j0:j1] if with_dx else None,
                 rel_in=None if rel_in is None else (rel_in[0][sl], rel_in[1][sl]),
+                stats_out=[None if buf is None else buf[sl] for buf in st] if stats else None,
             )
-            if stats:
-                for buf, val in zip(st, s_out):
-                    if buf is not None:
-                        buf[sl].copy_(val)
         if not with_dx:
             continue
         if need_dh:
@@ -469,7 +468,11 @@ def _gather_rows(hidden: torch.Tensor, r_idx: torch.Tensor, out: torch.Tensor) -
     """Rows ``r_idx`` (flat over the leading dims) of ``hidden [..., D]`` into ``out [k, D]``."""
     if hidden.dim() == 2:
         return torch.index_select(hidden, 0, r_idx, out=out)
-    return out.copy_(hidden[torch.unravel_index(r_idx, hidden.shape[:-1])])
+    coords = []  # torch.unravel_index would build its divisors as a device tensor from host data: a copy per chunk
+    for size in reversed(hidden.shape[:-1]):
+        coords.append(r_idx % size)
+        r_idx = r_idx // size
+    return out.copy_(hidden[tuple(reversed(coords))])
 
 
 def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) -> torch.Tensor:
@@ -480,13 +483,19 @@ def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) 
     return weight.to(compute).to(gemm)
 
 
-def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out, rel_in):
+def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out, rel_in, stats_out):
+    """The row routine on one statistics sub-chunk; the statistics land in ``stats_out`` (slices of the outputs)."""
     if opts.row_impl == "triton":
-        return _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out,
-                            rel_in=rel_in)
+        _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out,
+                     rel_in=rel_in, stats_out=stats_out)
+        return
     k = z.shape[0]  # views of the scratch rows: an out= of the wrong shape would be resized (reallocated)
-    return _rows_torch(z, [t[:k] for t in scratch], y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in,
-                       g=g, dx_out=dx_out)
+    s_out = _rows_torch(z, [t[:k] for t in scratch], y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in,
+                        g=g, dx_out=dx_out)
+    if stats:
+        for buf, val in zip(stats_out, s_out):
+            if buf is not None:
+                buf.copy_(val)
 
 
 def _cast_rows(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
