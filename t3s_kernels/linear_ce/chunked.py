@@ -23,10 +23,13 @@ resident memory is bounded by construction, whatever the allocator does.
 
 Workspace budget: ``workspace_bytes`` (keyword of the public functions; default ``DEFAULT_WORKSPACE_BYTES`` per
 device type, env ``T3S_WORKSPACE_BYTES`` overrides) bounds the super-chunk, the statistics sub-chunk and the scratch
-rows together. At N = 32768, D = 4096, V = 151936 bf16 on CUDA (768 MiB, Triton rows): 1323-row bf16 super-chunk
-(402 MB) + 441-row fp32 sub-chunk (268 MB) + gathered ``h`` / ``dh`` rows (22 MB) = 692 MB, whatever N. On CPU
-(256 MiB, fp32): a 414-row super-chunk the logits GEMM fills directly + one 27-row fp32 scratch block (two with
-softcap).
+rows together. At D = 4096, V = 151936 bf16 on CUDA (768 MiB, Triton rows), whatever N ≥ 1536: a 1536-row bf16
+super-chunk (467 MB) + a 384-row fp32 sub-chunk (233 MB) = 700 MB, plus 25 MB of gathered ``h`` / ``dh`` rows when
+rows are compacted or the hidden view is strided; a statistics-only sweep (no ``dlogits``: the ``reduction="none"``
+forward, ``no_grad`` scoring) one 1280-row fp32 chunk (778 MB). Sub-chunks are whole 128-row GEMM tiles, a
+super-chunk whole sub-chunks. The row kernel writes each sub-chunk's statistics straight into the call's outputs.
+On CPU (256 MiB, fp32): a 414-row super-chunk the logits GEMM fills directly + one 27-row fp32 scratch block (two
+with softcap).
 
 Weight-gradient accumulation (the dW contract; the N-outer loop sums ``dW`` over super-chunks):
 
