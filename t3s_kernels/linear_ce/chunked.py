@@ -26,8 +26,9 @@ device type, env ``T3S_WORKSPACE_BYTES`` overrides) bounds the super-chunk, the 
 rows together. At D = 4096, V = 151936 bf16 on CUDA (768 MiB, Triton rows), whatever N ≥ 1536: a 1536-row bf16
 super-chunk (467 MB) + a 384-row fp32 sub-chunk (233 MB) = 700 MB, plus 25 MB of gathered ``h`` / ``dh`` rows when
 rows are compacted or the hidden view is strided; a statistics-only sweep (no ``dlogits``: the ``reduction="none"``
-forward, ``no_grad`` scoring) one 1280-row fp32 chunk (778 MB). Sub-chunks are whole 128-row GEMM tiles, a
-super-chunk whole sub-chunks. The row kernel writes each sub-chunk's statistics straight into the call's outputs.
+forward, ``no_grad`` scoring) one 1280-row fp32 chunk (778 MB) at N = 32768, chunks of equal size otherwise
+(1024 rows at N = 4096, not 3 × 1280 + 256). Sub-chunks are whole 128-row GEMM tiles, a super-chunk whole
+sub-chunks. The row kernel writes each sub-chunk's statistics straight into the call's outputs.
 On CPU (256 MiB, fp32): a 414-row super-chunk the logits GEMM fills directly + one 27-row fp32 scratch block (two
 with softcap).
 
@@ -221,9 +222,13 @@ def plan_chunks(n: int, V: int, D: int, hidden: torch.Tensor, opts: ChunkedOptio
         return ChunkPlan(rows, stats_rows, True, n_scr, cdt, total)
     # fp32 statistics sub-chunk (+ scratch) gets a third of the budget, the half super-chunk the rest
     stats_per_row = V * 4 * (1 + n_scr)
-    stats_rows = max(1, min(n, (budget // 3 if with_dx else budget) // stats_per_row))
-    if stats_rows > _GEMM_TILE_ROWS:  # whole 128-row GEMM tiles: a ragged last tile costs a full tile of FLOPs
-        stats_rows -= stats_rows % _GEMM_TILE_ROWS
+    cap = max(1, (budget // 3 if with_dx else budget) // stats_per_row)
+    stats_rows = min(n, cap)
+    if n > cap > _GEMM_TILE_ROWS:  # whole 128-row GEMM tiles: a ragged last tile costs a full tile of FLOPs
+        stats_rows = cap - cap % _GEMM_TILE_ROWS
+        if not with_dx:  # equal chunks: a short last chunk's GEMM reads all of W for a few rows (memory-bound)
+            per_chunk = -(-n // -(-n // stats_rows))
+            stats_rows = min(stats_rows, -(-per_chunk // _GEMM_TILE_ROWS) * _GEMM_TILE_ROWS)
     if with_dx:
         rows = max(1, (budget - stats_rows * stats_per_row) // (V * csz + per_row_small))
         rows = max(stats_rows, (rows // stats_rows) * stats_rows)  # whole sub-chunks per super-chunk
