@@ -119,7 +119,7 @@ def test_predicted_trainer_within_1_15_of_the_floor_on_h100(N):
     "issue 25, open: LLM-sized no_grad calls take the cuBLAS statistics sweep (the fused Triton forward is L2-bound, "
     "~1.77x); after each logits GEMM, on one stream, its row kernel reads the fp32 chunk once (4 bytes per logit at "
     "0.75 x 3.35 TB/s against 2·D FLOPs per logit at 0.80 x 989 TFLOP/s: +15 % at D=4096 whatever the chunking): "
-    "1.16x one GEMM at N=32768, 1.19x at N=4096 on an H100 predicted; closing it needs the row pass overlapped "
+    "1.16x one GEMM at N=32768, 1.17x at N=4096 on an H100 predicted; closing it needs the row pass overlapped "
     "with the next GEMM or fused into its epilogue"))
 @pytest.mark.parametrize("N", [4096, BIG_N])
 def test_predicted_forward_within_1_15_of_one_gemm(N):
