@@ -253,14 +253,15 @@ def test_dllm_step_has_no_host_sync(monkeypatch, normalization):
 def test_profiler_scoring_has_no_host_sync(monkeypatch):
     """score_batch (the profiler's forward): hidden[:, :-1] -> token_logprobs + entropy, no_grad."""
     import t3s.profile as profile
+    import t3s.scoring as scoring  # where score_batch looks its helpers up
     from bench._trace import CostTracer
 
     ids, labels, mask = _caller_batch()
     tr = CostTracer("cuda")
     h = tr.tensor((CALLER_B, CALLER_T, D), torch.bfloat16)
-    head = profile.LMHead(tr.tensor((V, D), torch.bfloat16), None, None, 1.0)
-    monkeypatch.setattr(profile, "lm_head", lambda model: head)
-    monkeypatch.setattr(profile, "trunk_hidden_states", lambda *a, **k: h)
+    head = scoring.LMHead(tr.tensor((V, D), torch.bfloat16), None, None, 1.0)
+    monkeypatch.setattr(scoring, "lm_head", lambda model: head)
+    monkeypatch.setattr(scoring, "trunk_hidden_states", lambda *a, **k: h)
     with tr, tr.triton_launches():
         logprob, entropy = profile.score_batch(None, ids.to("cuda"), labels, mask.to("cuda"),  # as profile.py
                                                return_entropy=True)
