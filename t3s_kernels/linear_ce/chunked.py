@@ -23,10 +23,14 @@ resident memory is bounded by construction, whatever the allocator does.
 
 Workspace budget: ``workspace_bytes`` (keyword of the public functions; default ``DEFAULT_WORKSPACE_BYTES`` per
 device type, env ``T3S_WORKSPACE_BYTES`` overrides) bounds the super-chunk, the statistics sub-chunk and the scratch
-rows together. At N = 32768, D = 4096, V = 151936 bf16 on CUDA (768 MiB, Triton rows): 1323-row bf16 super-chunk
-(402 MB) + 441-row fp32 sub-chunk (268 MB) + gathered ``h`` / ``dh`` rows (22 MB) = 692 MB, whatever N. On CPU
-(256 MiB, fp32): a 414-row super-chunk the logits GEMM fills directly + one 27-row fp32 scratch block (two with
-softcap).
+rows together. At D = 4096, V = 151936 bf16 on CUDA (768 MiB, Triton rows), whatever N ≥ 1536: a 1536-row bf16
+super-chunk (467 MB) + a 384-row fp32 sub-chunk (233 MB) = 700 MB, plus 25 MB of gathered ``h`` / ``dh`` rows when
+rows are compacted or the hidden view is strided; a statistics-only sweep (no ``dlogits``: the ``reduction="none"``
+forward, ``no_grad`` scoring) one 1280-row fp32 chunk (778 MB) at N = 32768, chunks of equal size otherwise
+(1024 rows at N = 4096, not 3 × 1280 + 256). Sub-chunks are whole 128-row GEMM tiles, a super-chunk whole
+sub-chunks. The row kernel writes each sub-chunk's statistics straight into the call's outputs.
+On CPU (256 MiB, fp32): a 414-row super-chunk the logits GEMM fills directly + one 27-row fp32 scratch block (two
+with softcap).
 
 Weight-gradient accumulation (the dW contract; the N-outer loop sums ``dW`` over super-chunks):
 
@@ -218,9 +222,13 @@ def plan_chunks(n: int, V: int, D: int, hidden: torch.Tensor, opts: ChunkedOptio
         return ChunkPlan(rows, stats_rows, True, n_scr, cdt, total)
     # fp32 statistics sub-chunk (+ scratch) gets a third of the budget, the half super-chunk the rest
     stats_per_row = V * 4 * (1 + n_scr)
-    stats_rows = max(1, min(n, (budget // 3 if with_dx else budget) // stats_per_row))
-    if stats_rows > _GEMM_TILE_ROWS:  # whole 128-row GEMM tiles: a ragged last tile costs a full tile of FLOPs
-        stats_rows -= stats_rows % _GEMM_TILE_ROWS
+    cap = max(1, (budget // 3 if with_dx else budget) // stats_per_row)
+    stats_rows = min(n, cap)
+    if n > cap > _GEMM_TILE_ROWS:  # whole 128-row GEMM tiles: a ragged last tile costs a full tile of FLOPs
+        stats_rows = cap - cap % _GEMM_TILE_ROWS
+        if not with_dx:  # equal chunks: a short last chunk's GEMM reads all of W for a few rows (memory-bound)
+            per_chunk = -(-n // -(-n // stats_rows))
+            stats_rows = min(stats_rows, -(-per_chunk // _GEMM_TILE_ROWS) * _GEMM_TILE_ROWS)
     if with_dx:
         rows = max(1, (budget - stats_rows * stats_per_row) // (V * csz + per_row_small))
         rows = max(stats_rows, (rows // stats_rows) * stats_rows)  # whole sub-chunks per super-chunk
@@ -295,17 +303,19 @@ def _rows_torch(z, scratch, y, bias, opts: ChunkedOptions, V: int, *, stats: boo
 
 
 def _rows_triton(z, y, bias, opts: ChunkedOptions, V: int, *, stats: bool, lse_in, ent_in, g: RowGrads | None,
-                 dx_out, rel_in=None):
+                 dx_out, rel_in=None, stats_out=None):
+    """``stats_out``: the ``[k]`` slices of the call's statistics outputs (:class:`Stats` order), written by the
+    kernel in place: no per-chunk temporaries and no copy launches after it."""
     from . import kernels as K
 
     k = z.shape[0]
     f32 = dict(dtype=torch.float32, device=z.device)
     want_ent = opts.want_entropy or (g is not None and g.g_ent is not None)
     if stats:
-        lse, nll, rmax, logs = (torch.empty(k, **f32) for _ in range(4))
-        smooth = torch.empty(k, **f32) if opts.want_smooth else None
-        ent = torch.empty(k, **f32) if want_ent else None
-        acc = torch.empty(k, **f32) if opts.want_accuracy else None
+        out = list(stats_out) if stats_out is not None else [None] * len(Stats._fields)
+        wanted = (True, True, opts.want_smooth, want_ent, True, True, opts.want_accuracy)
+        lse, nll, smooth, ent, rmax, logs, acc = (
+            buf if buf is not None or not want else torch.empty(k, **f32) for buf, want in zip(out, wanted))
     else:
         acc = None
         lse, nll, smooth, ent = lse_in, None, None, ent_in
@@ -420,16 +430,13 @@ def _sweep(hidden, weight, bias, y, idx, opts: ChunkedOptions, *, stats: bool, g
             else:
                 z = zbuf[: j1 - j0]
                 _logits_fp32(z, h_c[j0:j1], w_c)
-            s_out = _rows(
+            _rows(
                 z, scratch, y_c[j0:j1], b32, opts, V, stats=stats,
                 lse_in=lse_in[sl] if lse_in is not None else None, ent_in=ent_in[sl] if ent_in is not None else None,
                 g=grads.take(sl) if with_dx else None, dx_out=dx_big[j0:j1] if with_dx else None,
                 rel_in=None if rel_in is None else (rel_in[0][sl], rel_in[1][sl]),
+                stats_out=[None if buf is None else buf[sl] for buf in st] if stats else None,
             )
-            if stats:
-                for buf, val in zip(st, s_out):
-                    if buf is not None:
-                        buf[sl].copy_(val)
         if not with_dx:
             continue
         if need_dh:
@@ -469,17 +476,11 @@ def _gather_rows(hidden: torch.Tensor, r_idx: torch.Tensor, out: torch.Tensor) -
     """Rows ``r_idx`` (flat over the leading dims) of ``hidden [..., D]`` into ``out [k, D]``."""
     if hidden.dim() == 2:
         return torch.index_select(hidden, 0, r_idx, out=out)
-    return out.copy_(hidden[_unravel(r_idx, hidden.shape[:-1])])
-
-
-def _unravel(flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
-    """``torch.unravel_index`` by integer division with Python-int sizes: it builds no index tensor of its own
-    on the device (the cost model's tracer, like a CUDA graph, sees only tensors derived from ``flat``)."""
-    index = []
-    for size in reversed(shape[1:]):
-        index.append(flat % size)
-        flat = flat // size
-    return (flat, *reversed(index))
+    coords = []  # torch.unravel_index would build its divisors as a device tensor from host data: a copy per chunk
+    for size in reversed(hidden.shape[:-1]):
+        coords.append(r_idx % size)
+        r_idx = r_idx // size
+    return out.copy_(hidden[tuple(reversed(coords))])
 
 
 def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) -> torch.Tensor:
@@ -490,13 +491,19 @@ def _gemm_weight(weight: torch.Tensor, compute: torch.dtype, gemm: torch.dtype) 
     return weight.to(compute).to(gemm)
 
 
-def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out, rel_in):
+def _rows(z, scratch, y, bias, opts, V, *, stats, lse_in, ent_in, g, dx_out, rel_in, stats_out):
+    """The row routine on one statistics sub-chunk; the statistics land in ``stats_out`` (slices of the outputs)."""
     if opts.row_impl == "triton":
-        return _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out,
-                            rel_in=rel_in)
+        _rows_triton(z, y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in, g=g, dx_out=dx_out,
+                     rel_in=rel_in, stats_out=stats_out)
+        return
     k = z.shape[0]  # views of the scratch rows: an out= of the wrong shape would be resized (reallocated)
-    return _rows_torch(z, [t[:k] for t in scratch], y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in,
-                       g=g, dx_out=dx_out)
+    s_out = _rows_torch(z, [t[:k] for t in scratch], y, bias, opts, V, stats=stats, lse_in=lse_in, ent_in=ent_in,
+                        g=g, dx_out=dx_out)
+    if stats:
+        for buf, val in zip(stats_out, s_out):
+            if buf is not None:
+                buf.copy_(val)
 
 
 def _cast_rows(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
