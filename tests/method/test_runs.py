@@ -128,9 +128,12 @@ def test_a_killed_runs_lock_is_recognised_as_stale_and_taken_over(tmp_path):
 
 # ---- re-runs reproduce bytes -----------------------------------------------------------------------------------
 
-def _rerun(root, run, *overrides, redo=()):
-    logs = []
-    run_pipeline(tiny_config(root, run, *SMALL, *overrides), progress=False, log=logs.append, redo=redo)
+def _rerun(root, run, *overrides):
+    """The re-run through the CLI in a fresh process, as the undisturbed run was: an in-process run would inherit
+    whatever thread pools and dispatch state the test session's earlier tests left, and round differently."""
+    proc = child("--", "run", str(config_file(root, run, run.parent, *overrides)), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = proc.stdout.splitlines()
     return [line.split()[1] for line in logs if line.endswith(" ...")], "\n".join(logs)
 
 
