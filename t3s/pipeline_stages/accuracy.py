@@ -104,11 +104,11 @@ def accuracy_hook(ctx: RunContext, *, use_curve: bool):
         return hook
 
     def cached(recipe, step):  # every run starts from θ0: measure its accuracy once
-        if step == 0 and "acc0" in ctx._cache:
-            return dict(ctx._cache["acc0"])
+        if step == 0 and "acc0" in ctx.cache:
+            return dict(ctx.cache["acc0"])
         out = hook(recipe, step)
         if step == 0 and recipe.init_path == ctx.ar_cfg.model.path:
-            ctx._cache["acc0"] = dict(out)
+            ctx.cache["acc0"] = dict(out)
         return out
 
     return cached

@@ -10,12 +10,12 @@ import shutil
 from t3s import distributed as D
 from t3s.io import atomic_path, read_json, write_json_atomic
 from t3s.pipeline_stages.accuracy import BUILTIN_VERIFIERS, curve_problem
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.pipeline_stages.trajectory_eval import trajectory_checkpoints
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run) -> Stage:
+def stage(ctx: RunContext, run: StageBody) -> Stage:
     r = ctx.run_dir
     outputs = ("bottleneck.json", "trajectory/bottleneck") if ctx.offline_accuracy else ("bottleneck.json",)
     return Stage("bottleneck", run, config=("bottleneck", "accuracy.max_truncated_fraction"),

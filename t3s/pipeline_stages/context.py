@@ -13,6 +13,8 @@ from t3s.data import Record, TokenizedExample, load_records, tokenize_records
 from t3s.generate import model_context_length, subset_indices
 
 SELECTION_VARIANTS = ("t3s", "neg_t3s", "static_high_conf", "static_low_conf", "random")
+StageBody = Callable[[], "dict | None"]
+"""What a :class:`t3s.stages.Stage` calls: a stage's ``run`` bound to the run context (and its variant)."""
 TRAINING_KEYS = ("model", "data", "optim", "train")
 """The config sections every training run depends on."""
 
@@ -59,16 +61,17 @@ class RunContext:
                  description: str | None = None):
         self.cfg, self.log, self.progress, self.description = cfg, log, progress, description
         self.run_dir = Path(cfg.run_dir)
-        self._cache: dict = {}
+        self.cache: dict = {}
+        """What stages share within one run: loaded inputs, the derived AR config, θ0's training accuracy."""
 
     @property
     def tokenizer(self):
-        if "tok" not in self._cache:
+        if "tok" not in self.cache:
             from t3s.train import load_tokenizer
 
-            self._cache["tok"] = load_tokenizer(self.cfg.model.tokenizer or self.cfg.model.path,
+            self.cache["tok"] = load_tokenizer(self.cfg.model.tokenizer or self.cfg.model.path,
                                                 trust_remote_code=self.cfg.model.trust_remote_code)
-        return self._cache["tok"]
+        return self.cache["tok"]
 
     @property
     def tokenizer_dir(self) -> str:
@@ -76,21 +79,21 @@ class RunContext:
 
     @property
     def records(self) -> list[Record]:
-        if "records" not in self._cache:
+        if "records" not in self.cache:
             d = self.cfg.data
             if not d.train:
                 raise ValueError("data.train is not set: give the teacher traces (JSONL / Parquet / HF folder)")
-            self._cache["records"] = load_records(d.train, format=d.format, adapter=d.adapter,
+            self.cache["records"] = load_records(d.train, format=d.format, adapter=d.adapter,
                                                   limit=d.max_examples)
-        return self._cache["records"]
+        return self.cache["records"]
 
     @property
     def examples(self) -> list[TokenizedExample]:
-        if "examples" not in self._cache:
+        if "examples" not in self.cache:
             d = self.cfg.data
-            self._cache["examples"] = tokenize_records(self.records, self.tokenizer, max_tokens=d.max_length,
+            self.cache["examples"] = tokenize_records(self.records, self.tokenizer, max_tokens=d.max_length,
                                                        truncation=d.truncation)
-        return self._cache["examples"]
+        return self.cache["examples"]
 
     def verifier(self):
         return gold_checker(get_verifier(self.cfg.accuracy.verifier))
@@ -104,13 +107,13 @@ class RunContext:
         """The config of the AR runs (trajectory, θb, profiling): in dLLM mode the selector replaces the model."""
         if not self.dllm:
             return self.cfg
-        if "ar_cfg" not in self._cache:
+        if "ar_cfg" not in self.cache:
             c = copy.deepcopy(self.cfg)
             c.model.path = self.cfg.model.selector or ""
             c.model.tokenizer = self.cfg.model.tokenizer or self.cfg.model.path  # shared with the student
             c.train.mode = "ar"
-            self._cache["ar_cfg"] = c
-        return self._cache["ar_cfg"]
+            self.cache["ar_cfg"] = c
+        return self.cache["ar_cfg"]
 
     @property
     def offline_accuracy(self) -> bool:
@@ -121,16 +124,16 @@ class RunContext:
         from transformers import AutoConfig
 
         key = f"ctx:{model_path}"
-        if key not in self._cache:
+        if key not in self.cache:
             mc = AutoConfig.from_pretrained(model_path, local_files_only=True,
                                             trust_remote_code=self.cfg.model.trust_remote_code)
-            self._cache[key] = model_context_length(mc)
-        return self._cache[key]
+            self.cache[key] = model_context_length(mc)
+        return self.cache[key]
 
     @property
     def heldout(self) -> tuple[list[Record], list[list[int]]]:
         """The evaluated held-out records and their encoded prompts."""
-        if "heldout" not in self._cache:
+        if "heldout" not in self.cache:
             from t3s.generate import encode_prompt
 
             e, d = self.cfg.eval, self.cfg.data
@@ -138,8 +141,8 @@ class RunContext:
                 raise ValueError("data.heldout is not set: give held-out prompts with gold answers")
             recs = load_eval_records(d.heldout, format=d.format, adapter=d.adapter)
             recs = [recs[i] for i in subset_indices(len(recs), e.num_prompts, seed=0)]
-            self._cache["heldout"] = (recs, [encode_prompt(self.tokenizer, r.prompt) for r in recs])
-        return self._cache["heldout"]
+            self.cache["heldout"] = (recs, [encode_prompt(self.tokenizer, r.prompt) for r in recs])
+        return self.cache["heldout"]
 
     def model_dir(self, name: str) -> str:
         return self.cfg.model.path if name == "base" else str(self.run_dir / "variants" / name / "final")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from t3s import distributed as D
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run) -> Stage:
+def stage(ctx: RunContext, run: StageBody) -> Stage:
     return Stage("delta", run, config=(),
                  inputs={f"profile/{w}": ctx.run_dir / "profile" / w for w in ("base", "bottleneck")},
                  outputs=("delta",))

@@ -10,11 +10,11 @@ import numpy as np
 from t3s import distributed as D
 from t3s.io import write_json_atomic
 from t3s.pipeline_stages.accuracy import sampling as sampling_settings
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run, model: str) -> Stage:
+def stage(ctx: RunContext, run: StageBody, model: str) -> Stage:
     c = ctx.cfg
     return Stage(f"eval_{model}", run,
                  config=("eval", "accuracy.verifier", "model.dtype", "model.attn_implementation",

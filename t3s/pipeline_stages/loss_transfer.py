@@ -9,16 +9,16 @@ import numpy as np
 
 from t3s import distributed as D
 from t3s.io import write_json_atomic
-from t3s.pipeline_stages.context import TRAINING_KEYS, RunContext
+from t3s.pipeline_stages.context import TRAINING_KEYS, RunContext, StageBody
 from t3s.pipeline_stages.probes import anchors, probe_indices
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run) -> Stage:
+def stage(ctx: RunContext, run: StageBody) -> Stage:
     r = ctx.run_dir
+    inputs = {**ctx.model_inputs(ar=False), "delta": r / "delta", "selections/t3s": r / "selections" / "t3s"}
     return Stage("loss_transfer", run, config=(*TRAINING_KEYS, "accuracy", "diagnostics", "-accuracy.curve"),
-                 inputs={**ctx.model_inputs(ar=False), "delta": r / "delta", "selections/t3s": r / "selections" / "t3s"},
-                 outputs=("diagnostics/loss_transfer.json", "diagnostics/loss_transfer"))
+                 inputs=inputs, outputs=("diagnostics/loss_transfer.json", "diagnostics/loss_transfer"))
 
 
 def _base_logprobs(ctx: RunContext) -> list[np.ndarray]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from t3s import distributed as D
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.stages import Stage
 
 WHICH = ("base", "bottleneck")
 
 
-def stage(ctx: RunContext, run, which: str) -> Stage:
+def stage(ctx: RunContext, run: StageBody, which: str) -> Stage:
     if which == "base":
         inputs = ctx.model_inputs(ar=True)
     else:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from t3s import distributed as D
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run, earlier: list[Stage]) -> Stage:
+def stage(ctx: RunContext, run: StageBody, earlier: list[Stage]) -> Stage:
     # reads every earlier output and the whole config; rebuilding it is cheap
     inputs = {f"{st.name}:{out}": ctx.run_dir / out for st in earlier for out in st.outputs}
     return Stage("report", run, config=("",), inputs=inputs, outputs=("report",))

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from t3s import distributed as D
 from t3s.io import read_json
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run) -> Stage:
+def stage(ctx: RunContext, run: StageBody) -> Stage:
     # θf: the trajectory's own final checkpoint, or the SFT variant's (final_source)
     r = ctx.run_dir
     return Stage("rrt", run, config=(),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from t3s import distributed as D
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run) -> Stage:
+def stage(ctx: RunContext, run: StageBody) -> Stage:
     return Stage("select", run, config=("select", "variants"), inputs={"delta": ctx.run_dir / "delta"},
                  outputs=tuple(f"selections/{rule}" for rule in ctx.selection_rules()))
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from t3s.pipeline_stages import train_dllm
 from t3s.pipeline_stages.accuracy import accuracy_hook
-from t3s.pipeline_stages.context import SELECTION_VARIANTS, TRAINING_KEYS, RunContext
+from t3s.pipeline_stages.context import SELECTION_VARIANTS, TRAINING_KEYS, RunContext, StageBody
 from t3s.pipeline_stages.probes import anchors, probe
 from t3s.pipeline_stages.select import variant_examples
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run, variant: str) -> Stage:
+def stage(ctx: RunContext, run: StageBody, variant: str) -> Stage:
     c, r = ctx.cfg, ctx.run_dir
     with_dynamics = c.diagnostics.delta_prob and variant in ("sft", "t3s") and not ctx.dllm
     inputs = ctx.model_inputs(ar=False)

@@ -12,11 +12,11 @@ from pathlib import Path
 from t3s import distributed as D
 from t3s.io import write_json_atomic
 from t3s.pipeline_stages.accuracy import accuracy_hook, accuracy_settings
-from t3s.pipeline_stages.context import TRAINING_KEYS, RunContext
+from t3s.pipeline_stages.context import TRAINING_KEYS, RunContext, StageBody
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run) -> Stage:
+def stage(ctx: RunContext, run: StageBody) -> Stage:
     if ctx.offline_accuracy:
         # trajectory_eval appends to metrics.jsonl and bottleneck copies θb out of checkpoints/ afterwards:
         # the trajectory's own record covers only what no later stage touches

@@ -13,11 +13,11 @@ from t3s import distributed as D
 from t3s.generate import SamplingConfig
 from t3s.io import read_json, write_json_atomic
 from t3s.pipeline_stages.accuracy import accuracy_subset, curve_check
-from t3s.pipeline_stages.context import RunContext
+from t3s.pipeline_stages.context import RunContext, StageBody
 from t3s.stages import Stage
 
 
-def stage(ctx: RunContext, run) -> Stage:
+def stage(ctx: RunContext, run: StageBody) -> Stage:
     return Stage("trajectory_eval", run, config=("accuracy", "generation"),
                  inputs={"trajectory/summary.json": ctx.run_dir / "trajectory" / "summary.json"},
                  outputs=("trajectory/accuracy",))
