@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t3s_kernels import _hf_checks
 from t3s_kernels.linear_ce import _checks
 from t3s_kernels.linear_ce.api import TokenLogprobs, linear_cross_entropy, token_logprobs
 from t3s_kernels.linear_ce.modules import OptionsModule
@@ -95,6 +96,18 @@ def head_transform_from_config(config: Any) -> tuple[float | None, float]:
     return cap / pre, 1.0 / (post * pre)
 
 
+def _denominator(labels, token_weight, normalizer, ignore_index: int, like: torch.Tensor) -> torch.Tensor:
+    """``Σ wᵢ`` over scored (shifted) targets, or ``normalizer``; 0 (nothing left to score) becomes inf, so the
+    loss and its gradients are 0 — never the undivided sum."""
+    if normalizer is not None:
+        den = torch.as_tensor(normalizer, dtype=like.dtype, device=like.device).detach().reshape(())
+    else:
+        active = labels[..., 1:] != ignore_index
+        w = token_weight[..., 1:].detach().to(like.dtype) if token_weight is not None else 1.0
+        den = (active * w).sum().to(like.dtype)
+    return torch.where(den == 0, torch.full_like(den, float("inf")), den)
+
+
 class FusedLossCausalLM(OptionsModule):
     """Wrap a Hugging Face causal LM so its loss is computed by the fused linear-cross-entropy.
 
@@ -136,18 +149,7 @@ class FusedLossCausalLM(OptionsModule):
         strategy: str = "auto",
     ) -> None:
         super().__init__()
-        trunk = getattr(model, "base_model", None)
-        if trunk is None or trunk is model:
-            raise TypeError(
-                "FusedLossCausalLM needs a causal LM whose `base_model` is its trunk (e.g. LlamaForCausalLM, "
-                f"Qwen3ForCausalLM); got {type(model).__name__} with base_model={type(trunk).__name__}"
-            )
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-            raise TypeError(
-                f"FusedLossCausalLM needs model.get_output_embeddings() to return a module with a `weight` [V, D]; "
-                f"{type(model).__name__} returned {type(head).__name__}"
-            )
+        _hf_checks.check_causal_lm(model)
         self.model = model
         auto_cap, auto_temp = head_transform_from_config(model.config) if hasattr(model, "config") else (None, 1.0)
         self.softcap = auto_cap if softcap == "auto" else softcap
@@ -275,20 +277,11 @@ class FusedLossCausalLM(OptionsModule):
         Returns:
             :class:`FusedLossOutput`.
         """
-        if normalizer is not None and num_items_in_batch is not None:
-            raise ValueError("pass either normalizer or num_items_in_batch (its Hugging Face alias), not both")
-        if normalizer is None:
-            normalizer = num_items_in_batch
+        normalizer = _hf_checks.resolve_normalizer(normalizer, num_items_in_batch)
         reduction = self.reduction if reduction is None else reduction
-        if labels is None:
-            if input_ids is None:
-                raise ValueError("labels is required when input_ids is not given")
-            labels = input_ids
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, self.ignore_index)
+        labels = _hf_checks.default_labels(input_ids, labels, attention_mask, self.ignore_index)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, **model_kwargs)
-        if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} ([B, T]), got {tuple(labels.shape)}")
+        _hf_checks.check_labels_shape(labels, hidden)
         labels = labels.to(hidden.device)
         h, weight, bias = self._head_tensors(hidden)
         common = {
@@ -304,32 +297,19 @@ class FusedLossCausalLM(OptionsModule):
             "strategy": self.strategy,
             "active_rows": active_rows,
         }
-        per_token = None
-        if return_per_token and reduction != "none":
-            per_token = linear_cross_entropy(h, weight, labels, reduction="none", **common)
-            loss = per_token.sum()
-            if reduction == "mean":  # reduced here, so the functional's rules for "mean" are checked here
-                _checks.check_mean_weights(
-                    labels[..., 1:], token_weight[..., 1:] if token_weight is not None else None, normalizer,
-                    self.ignore_index, "FusedLossCausalLM",
-                )
-                loss = loss / self._denominator(labels, token_weight, normalizer, loss)
-        else:
+        if not (return_per_token and reduction != "none"):
             loss = linear_cross_entropy(h, weight, labels, reduction=reduction, normalizer=normalizer, **common)
-            if return_per_token:
-                per_token = loss
+            return FusedLossOutput(loss, loss if return_per_token else None, hidden if return_hidden else None)
+        # the per-token losses are wanted beside a reduced loss: compute them once, reduce them here
+        per_token = linear_cross_entropy(h, weight, labels, reduction="none", **common)
+        loss = per_token.sum()
+        if reduction == "mean":  # reduced here, so the functional's rules for "mean" are checked here
+            _checks.check_mean_weights(
+                labels[..., 1:], token_weight[..., 1:] if token_weight is not None else None, normalizer,
+                self.ignore_index, "FusedLossCausalLM",
+            )
+            loss = loss / _denominator(labels, token_weight, normalizer, self.ignore_index, loss)
         return FusedLossOutput(loss, per_token, hidden if return_hidden else None)
-
-    def _denominator(self, labels, token_weight, normalizer, like: torch.Tensor) -> torch.Tensor:
-        """``Σ wᵢ`` over scored (shifted) targets, or ``normalizer``; 0 (nothing left to score) becomes inf, so the
-        loss and its gradients are 0 — never the undivided sum."""
-        if normalizer is not None:
-            den = torch.as_tensor(normalizer, dtype=like.dtype, device=like.device).detach().reshape(())
-        else:
-            active = labels[..., 1:] != self.ignore_index
-            w = token_weight[..., 1:].detach().to(like.dtype) if token_weight is not None else 1.0
-            den = (active * w).sum().to(like.dtype)
-        return torch.where(den == 0, torch.full_like(den, float("inf")), den)
 
     # ----------------------------------------------------------------------------------------------------------
     # per-token log-probs (the Δc_t profiler)
@@ -356,8 +336,7 @@ class FusedLossCausalLM(OptionsModule):
         if labels is None:
             labels = input_ids
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, **model_kwargs)
-        if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} ([B, T]), got {tuple(labels.shape)}")
+        _hf_checks.check_labels_shape(labels, hidden)
         h, weight, bias = self._head_tensors(hidden)
         out = token_logprobs(
             h[..., :-1, :],
