@@ -135,6 +135,63 @@ def _matched_mask(rule: str, *, base: np.ndarray, eligible: np.ndarray, counts: 
     return picked
 
 
+def _check_select_args(*, rule: str, tau: float, quantile: float | None, fraction: float | None, ranking: str,
+                       always_train_eos: bool) -> None:
+    """Raise a ValueError naming the first bad argument of :func:`select_tokens`."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if quantile is not None and not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0 (targets are Δc < −tau), got {tau}")
+    if always_train_eos and rule == "dllm_targets":
+        raise ValueError("always_train_eos applies to AR loss weights, not to dLLM targets")
+
+
+def _as_delta_store(delta_store: Any) -> Store:
+    """A Δc store from a folder, a loaded store, or a ``(base_store, bottleneck_store)`` pair."""
+    if isinstance(delta_store, tuple | list) and len(delta_store) == 2:
+        return delta_confidence(*delta_store)
+    if isinstance(delta_store, Store):
+        return delta_store
+    return load_delta(delta_store)
+
+
+def _selection_stats(*, rule: str, meaning: str, ids: list[str], picked: np.ndarray, weight: np.ndarray,
+                     weights: list[np.ndarray], anchors: np.ndarray, cut: float, eos: list[int], is_end: np.ndarray,
+                     counts: np.ndarray, offsets: np.ndarray) -> dict[str, Any]:
+    """The statistics :class:`Selection` records: overall, per example and on end-of-sequence tokens."""
+    total = int(picked.size)
+    per_example = [float(picked[offsets[i] : offsets[i + 1]].mean()) if counts[i] else 0.0 for i in range(len(counts))]
+    return {
+        "rule": rule,
+        "meaning": meaning,
+        "num_examples": len(ids),
+        "num_tokens": total,
+        "num_selected": int(picked.sum()),
+        "selected_fraction": float(picked.mean()) if total else 0.0,
+        "weight_fraction": float(weight.mean()) if total else 0.0,
+        "anchor_fraction": float(anchors.mean()) if total else 0.0,
+        "anchor_cut": cut,
+        "end_token_ids": eos,
+        "end_tokens": int(is_end.sum()),
+        "end_selected": int((picked & is_end).sum()),
+        "end_selected_fraction": float((picked & is_end).sum() / is_end.sum()) if is_end.any() else None,
+        "per_example_selected_fraction": {
+            "min": min(per_example, default=0.0),
+            "mean": float(np.mean(per_example)) if per_example else 0.0,
+            "max": max(per_example, default=0.0),
+        },
+        "per_example": dict(zip(ids, per_example, strict=True)),
+        "examples_without_weight": [ids[i] for i, w in enumerate(weights) if meaning == "loss_weight" and w.size
+                                    and not w.any()],
+    }
+
+
 def select_tokens(
     delta_store: Any,
     *,
@@ -171,24 +228,9 @@ def select_tokens(
     Returns:
         :class:`Selection` with one weight array per example, aligned with the example's label positions.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if quantile is not None and not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-    if fraction is not None and not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    if ranking not in RANKINGS:
-        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0 (targets are Δc < −tau), got {tau}")
-    if always_train_eos and rule == "dllm_targets":
-        raise ValueError("always_train_eos applies to AR loss weights, not to dLLM targets")
-    if isinstance(delta_store, tuple | list) and len(delta_store) == 2:
-        store = delta_confidence(*delta_store)
-    elif isinstance(delta_store, Store):
-        store = delta_store
-    else:
-        store = load_delta(delta_store)
+    _check_select_args(rule=rule, tau=tau, quantile=quantile, fraction=fraction, ranking=ranking,
+                       always_train_eos=always_train_eos)
+    store = _as_delta_store(delta_store)
 
     delta = store.flat("delta_c").astype(np.float64)
     base = store.flat("logprob_base").astype(np.float64)
@@ -234,34 +276,11 @@ def select_tokens(
         weight[is_end] = 1.0
         picked = weight == 0.0
 
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     weights = [weight[offsets[i] : offsets[i + 1]] for i in range(len(counts))]
     positions = [store.column("positions", i).astype(np.int64) for i in range(len(counts))]
     ids = store.ids
-    per_example = [float(picked[offsets[i] : offsets[i + 1]].mean()) if counts[i] else 0.0 for i in range(len(counts))]
-    stats = {
-        "rule": rule,
-        "meaning": meaning,
-        "num_examples": len(ids),
-        "num_tokens": total,
-        "num_selected": int(picked.sum()),
-        "selected_fraction": float(picked.mean()) if total else 0.0,
-        "weight_fraction": float(weight.mean()) if total else 0.0,
-        "anchor_fraction": float(anchors.mean()) if total else 0.0,
-        "anchor_cut": cut,
-        "end_token_ids": eos,
-        "end_tokens": int(is_end.sum()),
-        "end_selected": int((picked & is_end).sum()),
-        "end_selected_fraction": float((picked & is_end).sum() / is_end.sum()) if is_end.any() else None,
-        "per_example_selected_fraction": {
-            "min": min(per_example, default=0.0),
-            "mean": float(np.mean(per_example)) if per_example else 0.0,
-            "max": max(per_example, default=0.0),
-        },
-        "per_example": dict(zip(ids, per_example, strict=True)),
-        "examples_without_weight": [ids[i] for i, w in enumerate(weights) if meaning == "loss_weight" and w.size
-                                    and not w.any()],
-    }
+    stats = _selection_stats(rule=rule, meaning=meaning, ids=ids, picked=picked, weight=weight, weights=weights,
+                             anchors=anchors, cut=cut, eos=eos, is_end=is_end, counts=counts, offsets=offsets)
     params = {
         "rule": rule, "tau": tau, "threshold": threshold, "quantile": quantile, "fraction": fraction,
         "matched_fraction": target_fraction, "matched_count": budget, "ranking": ranking, "seed": seed,
