@@ -394,6 +394,53 @@ def _score_rows(batch, bucket, indices, logprob: np.ndarray, entropy: np.ndarray
     return rows
 
 
+def _score_my_parts(model: Any, tokenizer: Any, examples: list, parts: list[list[int]], parts_dir: Path, *,
+                    batch_tokens: int, return_entropy: bool, progress: bool, packing: bool, desc: str) -> None:
+    """Score this rank's unfinished parts, writing each as one parquet file (the model's mode is restored)."""
+    mine = list(range(len(parts)))[dist_utils.rank() :: dist_utils.world_size()]
+    todo = [p for p in mine if not (parts_dir / f"part-{p:05d}.parquet").exists()]
+    bar = None
+    if progress and dist_utils.is_main():
+        from tqdm.auto import tqdm
+
+        total = sum(len(examples[i]) for p in todo for i in parts[p])
+        bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    was_training = model.training
+    model.eval()
+    try:
+        for p in todo:
+            rows = _score_part(
+                model, examples, parts[p], batch_tokens=batch_tokens, pad_id=pad_id,
+                return_entropy=return_entropy, on_tokens=bar.update if bar else None, packing=packing,
+            )
+            write_parquet_atomic(parts_dir / f"part-{p:05d}.parquet", _rows_to_table(rows, return_entropy))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+
+def _merge_parts(model: Any, parts_dir: Path, num_parts: int, *, out_dir: Path, prov: dict) -> None:
+    """Rank 0: join every part into the store, then write its provenance, which marks it complete."""
+    missing = [p for p in range(num_parts) if not (parts_dir / f"part-{p:05d}.parquet").exists()]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} profile parts are missing from {parts_dir} after all ranks finished; with several "
+            "nodes, out_dir must be on a filesystem that every rank can see"
+        )
+    tables = [pq.read_table(parts_dir / f"part-{p:05d}.parquet") for p in range(num_parts)]
+    table = pa.concat_tables(tables).sort_by("index")
+    write_parquet_atomic(out_dir / SCORES_FILE, table)
+    prov.update(
+        world_size=dist_utils.world_size(),
+        device=str(next(iter(model.parameters())).device),
+    )  # no timestamps: the same model and data give the same bytes, so later stages are not re-run
+    write_json_atomic(out_dir / PROVENANCE_FILE, prov)  # last: marks the store complete
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
 def profile_confidence(
     model: Any,
     tokenizer: Any,
@@ -477,47 +524,12 @@ def profile_confidence(
             write_json_atomic(plan_path, plan)
     dist_utils.barrier()
 
-    mine = list(range(len(parts)))[dist_utils.rank() :: dist_utils.world_size()]
-    todo = [p for p in mine if not (parts_dir / f"part-{p:05d}.parquet").exists()]
-    bar = None
-    if progress and dist_utils.is_main():
-        from tqdm.auto import tqdm
-
-        total = sum(len(examples[i]) for p in todo for i in parts[p])
-        bar = tqdm(total=total, desc=f"profile {out_dir.name}", unit="tok", unit_scale=True)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else int(pad_id)
-    was_training = model.training
-    model.eval()
-    try:
-        for p in todo:
-            rows = _score_part(
-                model, examples, parts[p], batch_tokens=batch_tokens, pad_id=pad_id,
-                return_entropy=return_entropy, on_tokens=bar.update if bar else None, packing=packing,
-            )
-            write_parquet_atomic(parts_dir / f"part-{p:05d}.parquet", _rows_to_table(rows, return_entropy))
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
+    _score_my_parts(model, tokenizer, examples, parts, parts_dir, batch_tokens=batch_tokens,
+                    return_entropy=return_entropy, progress=progress, packing=packing, desc=f"profile {out_dir.name}")
     dist_utils.barrier()
 
     if dist_utils.is_main():
-        missing = [p for p in range(len(parts)) if not (parts_dir / f"part-{p:05d}.parquet").exists()]
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} profile parts are missing from {parts_dir} after all ranks finished; with several "
-                "nodes, out_dir must be on a filesystem that every rank can see"
-            )
-        tables = [pq.read_table(parts_dir / f"part-{p:05d}.parquet") for p in range(len(parts))]
-        table = pa.concat_tables(tables).sort_by("index")
-        write_parquet_atomic(out_dir / SCORES_FILE, table)
-        prov.update(
-            world_size=dist_utils.world_size(),
-            device=str(next(iter(model.parameters())).device),
-        )  # no timestamps: the same model and data give the same bytes, so later stages are not re-run
-        write_json_atomic(prov_path, prov)  # last: marks the store complete
-        shutil.rmtree(parts_dir, ignore_errors=True)
+        _merge_parts(model, parts_dir, len(parts), out_dir=out_dir, prov=prov)
     dist_utils.barrier()
     return out_dir
 
