@@ -321,43 +321,11 @@ def _choices(cfg: Config) -> list[str]:
     return choices_markdown(cfg, dllm)
 
 
-def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = None) -> Path:
-    """Write ``report/report.md``, ``report/results.json`` and the plots; return the markdown path."""
-    run = Path(run_dir)
-    out = run / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    data = collect(run)
-    bn = data["bottleneck"]
-    bn_step = bn["step"] if bn else None
-    plots = {
-        "training_dynamics": plot_training_dynamics(data, out / "training_dynamics.png"),
-        "group_dprob": plot_groups(data, out / "group_dprob.png", bn_step),
-        "grad_stats": plot_grad_stats(data, out / "grad_stats.png", bn_step),
-        "intervention": plot_intervention(data, out / "intervention.png", bn_step),
-    }
-    plots["delta_c"], delta_stats = plot_delta_c(run, cfg.select.threshold, out / "delta_c.png")
-    rows, table = results_table(data, cfg)
-
+def _training_section(data: dict, bn: dict | None) -> list[str]:
+    """Report lines on θb, the training-accuracy settings and RRT."""
     from t3s.bottleneck import describe
 
-    mode = cfg.train.mode
-    warnings = share_warnings(data, mode=mode)
-    md = ["# T3S run report", "", f"Run directory: `{run}`", ""]
-    if description:
-        md += [description, ""]
-    if warnings:
-        md += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
-    first = next(iter(data["eval"].values()), {})
-    samp = first.get("sampling") or {"temperature": 0.0, "num_samples": 1}
-    how = ("greedy" if samp["temperature"] == 0
-           else f"T={samp['temperature']:g}, {samp['num_samples']} samples per prompt")
-    if mode == "dllm":
-        how += ", block-diffusion decoding"
-    md += [f"## Results (held-out, {how})", "", table, ""]
-    if mode == "dllm":
-        md += ["dLLM mode: the students are evaluated by block-diffusion decoding (`t3s.dllm.diffusion_generate`: "
-               "block by block, the most confident masked position first, in the training's [x_t ‖ x_0] layout); the "
-               f"trajectory, θb and Δc come from the AR selector `{cfg.model.selector}`.", ""]
+    md: list[str] = []
     if bn:
         acc = bn["accuracy"] if bn["accuracy"] is None else format(bn["accuracy"], ".3f")
         md += ["## Imitation Bottleneck", "",
@@ -379,9 +347,15 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                    f"{100 * max(trunc):.1f}%.", ""]
     if data.get("rrt"):
         md += [f"RRT: θ0 + (θf − θb) with θf = `{data['rrt'].get('theta_f')}`.", ""]
+    return md
+
+
+def _selection_section(data: dict, delta_stats: dict | None, threshold: float) -> list[str]:
+    """Report lines on Δc, the selections and the loss-transfer matrix."""
+    md: list[str] = []
     if delta_stats:
         md += ["## Δc_t", "", f"{delta_stats['tokens']} response tokens; mean Δc {delta_stats['mean']:.3f}, median "
-               f"{delta_stats['median']:.3f}; anchors (Δc > {cfg.select.threshold:g}): "
+               f"{delta_stats['median']:.3f}; anchors (Δc > {threshold:g}): "
                f"{100 * delta_stats['anchor_fraction']:.1f}%.", ""]
     if data["selections"]:
         md += ["| selection | tokens selected | share | end tokens selected |", "|---|---|---|---|"]
@@ -399,11 +373,12 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                "| train ↓ / eval → | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         md += [f"| {r} | " + " | ".join(f"{v:+.1f}" for v in m[r].values()) + " |" for r in m]
         md.append("")
-    titles = {"training_dynamics": "Loss and training accuracy", "delta_c": "Δc distribution",
-              "group_dprob": "Δ-probability of anchors vs other tokens", "grad_stats": "Anchor/other gradients",
-              "intervention": "One-step anchor intervention (paper Fig. 5)"}
-    md += ["## Plots", ""]
-    md += [f"### {titles[k]}\n\n![{k}]({p.name})\n" for k, p in plots.items() if p is not None]
+    return md
+
+
+def _samples_section(data: dict) -> list[str]:
+    """Two held-out completions per evaluated model."""
+    md: list[str] = []
     samples = {k: e.get("samples", [])[:2] for k, e in data["eval"].items()}
     if any(samples.values()):
         md += ["## Sample completions (held-out)", ""]
@@ -412,9 +387,13 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                 md.append(f"- **{LABELS.get(k, k)}** ({'✓' if s['correct'] else '✗'}) `{s['prompt']}` → "
                           f"`{s['completion'][:200]}`")
         md.append("")
-    prov_path = Path(run_dir) / "provenance.json"
-    prov = read_json(prov_path) if prov_path.exists() else None
-    if prov:  # what decides the numbers besides the config (t3s.runtime.provenance)
+    return md
+
+
+def _provenance_section(prov: dict | None) -> list[str]:
+    """What decides the numbers besides the config (:mod:`t3s.runtime` provenance)."""
+    md: list[str] = []
+    if prov:
         eff, v, b = prov["in_effect"], prov["versions"], prov["blas"]
         md += ["## Reproducibility", "",
                f"Seed {prov['seed']}; {eff['torch_threads']} CPU threads (inter-op {eff['torch_interop_threads']}), "
@@ -423,6 +402,55 @@ def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = 
                + f"; BLAS {b.get('blas_info')} {b.get('mkl') or b.get('openblas') or ''} ({b.get('cpu_capability')})"
                f"; {prov['machine']['cpu']}{', ' + prov['machine']['gpu'] if prov['machine'].get('gpu') else ''}. "
                f"Bit-identical numbers need {prov['reproducible_when']}.", ""]
+    return md
+
+
+def build_report(run_dir: str | Path, cfg: Config, *, description: str | None = None) -> Path:
+    """Write ``report/report.md``, ``report/results.json`` and the plots; return the markdown path."""
+    run = Path(run_dir)
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(run)
+    bn = data["bottleneck"]
+    bn_step = bn["step"] if bn else None
+    plots = {
+        "training_dynamics": plot_training_dynamics(data, out / "training_dynamics.png"),
+        "group_dprob": plot_groups(data, out / "group_dprob.png", bn_step),
+        "grad_stats": plot_grad_stats(data, out / "grad_stats.png", bn_step),
+        "intervention": plot_intervention(data, out / "intervention.png", bn_step),
+    }
+    plots["delta_c"], delta_stats = plot_delta_c(run, cfg.select.threshold, out / "delta_c.png")
+    rows, table = results_table(data, cfg)
+
+    mode = cfg.train.mode
+    warnings = share_warnings(data, mode=mode)
+    md = ["# T3S run report", "", f"Run directory: `{run}`", ""]
+    if description:
+        md += [description, ""]
+    if warnings:
+        md += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
+    first = next(iter(data["eval"].values()), {})
+    samp = first.get("sampling") or {"temperature": 0.0, "num_samples": 1}
+    how = ("greedy" if samp["temperature"] == 0
+           else f"T={samp['temperature']:g}, {samp['num_samples']} samples per prompt")
+    if mode == "dllm":
+        how += ", block-diffusion decoding"
+    md += [f"## Results (held-out, {how})", "", table, ""]
+    if mode == "dllm":
+        md += ["dLLM mode: the students are evaluated by block-diffusion decoding (`t3s.dllm.diffusion_generate`: "
+               "block by block, the most confident masked position first, in the training's [x_t ‖ x_0] layout); the "
+               f"trajectory, θb and Δc come from the AR selector `{cfg.model.selector}`.", ""]
+    md += _training_section(data, bn)
+    md += _selection_section(data, delta_stats, cfg.select.threshold)
+    titles = {"training_dynamics": "Loss and training accuracy", "delta_c": "Δc distribution",
+              "group_dprob": "Δ-probability of anchors vs other tokens", "grad_stats": "Anchor/other gradients",
+              "intervention": "One-step anchor intervention (paper Fig. 5)"}
+    md += ["## Plots", ""]
+    md += [f"### {titles[k]}\n\n![{k}]({p.name})\n" for k, p in plots.items() if p is not None]
+    md += _samples_section(data)
+    prov_path = Path(run_dir) / "provenance.json"
+    prov = read_json(prov_path) if prov_path.exists() else None
+    md += _provenance_section(prov)
     md += ["## Choices the paper leaves open", "", "The values this run used (from its config):", "",
            *_choices(cfg), ""]
     write_json_atomic(out / "results.json", {"rows": rows, "bottleneck": bn, "delta_c": delta_stats,
