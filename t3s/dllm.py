@@ -398,6 +398,23 @@ def resolve_dllm_config(cfg: DLLMConfig | dict | None, tokenizer=None) -> DLLMCo
     return cfg
 
 
+def _prepare_step(batch_examples: list, cfg: DLLMConfig, *, step: int, micro: int, pad_id: int, attn: str,
+                  param: torch.Tensor) -> list:
+    """Collate one optimizer step's examples into micro-batches and noise them (token offsets run across the step)."""
+    from t3s.data import collate
+
+    prepared, offset = [], 0
+    for i in range(0, len(batch_examples), micro):
+        batch = collate(batch_examples[i : i + micro], pad_id)
+        p = prepare_dllm_batch(
+            batch, cfg, step=step, token_offset=offset, attn_implementation=attn, dtype=param.dtype,
+            device=param.device,
+        )  # fmt: skip
+        offset += batch["input_ids"].numel()
+        prepared.append(p)
+    return prepared
+
+
 def train_dllm(
     model: nn.Module,
     examples: Sequence[Any],
@@ -440,8 +457,6 @@ def train_dllm(
         One row per step: ``step``, ``loss``, ``lr`` (the rate this step used), ``grad_norm``, ``normalizer``
         and per class (random / target / forced) ``n_*`` masked counts and ``ce_*`` mean CE.
     """
-    from t3s.data import collate
-
     cfg = resolve_dllm_config(cfg, tokenizer)
     if not examples:
         raise ValueError("train_dllm: empty dataset")
@@ -466,15 +481,8 @@ def train_dllm(
             rng.shuffle(perm)
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
-        prepared, offset = [], 0
-        for i in range(0, batch_size, micro):
-            batch = collate([examples[j] for j in idx[i : i + micro]], pad_id)
-            p = prepare_dllm_batch(
-                batch, cfg, step=step, token_offset=offset, attn_implementation=attn, dtype=param.dtype,
-                device=param.device,
-            )  # fmt: skip
-            offset += batch["input_ids"].numel()
-            prepared.append(p)
+        prepared = _prepare_step([examples[j] for j in idx], cfg, step=step, micro=micro, pad_id=pad_id, attn=attn,
+                                 param=param)
         normalizer = step_normalizer(prepared, cfg.normalization)
         opt.zero_grad(set_to_none=True)
         total, stats = torch.zeros((), device=param.device), []
