@@ -59,6 +59,61 @@ def _write_jsonl(path: Path, records) -> None:
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
+def _pretrain_base(base_dir: Path, tok, task: TaskSpec, model_spec: TinyModelSpec, pspec: PretrainSpec, data: dict,
+                   *, settings: dict, seed: int, eval_max_new_tokens: int, log) -> dict:
+    """Pretrain θ0 on teacher A, check it on the held-out families and save it atomically; return its info."""
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    t0 = time.time()
+    net = build_model(model_spec, tok, seed=seed)
+    n_params = sum(p.numel() for p in net.parameters())
+    log(f"demo: pretraining a {n_params:,}-parameter {model_spec.arch} on teacher A for {pspec.steps} steps")
+    summary = pretrain(net, tok, task, pspec, log=log)
+    acc, _ = answer_accuracy(net, tok, data["heldout_old"], max_new_tokens=eval_max_new_tokens)
+    acc_new, _ = answer_accuracy(net, tok, data["heldout_new"], max_new_tokens=eval_max_new_tokens)
+    info = {
+        "settings": settings,
+        "n_params": n_params,
+        "vocab_size": len(tok),
+        "heldout_acc_teacher_a": acc,
+        "heldout_acc_new_family": acc_new,
+        "pretrain_seconds": summary["seconds"],
+        "final_loss_ema": summary["final_loss_ema"],
+        "total_seconds": time.time() - t0,
+    }
+    with atomic_path(base_dir, is_dir=True) as tmp:
+        net.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json_atomic(tmp / ".done.json", info)
+    log(f"demo: base model ready, held-out accuracy {acc:.3f} on the old family, {acc_new:.3f} on the new "
+        f"({summary['seconds']:.0f}s)")
+    return info
+
+
+def _demo_description(task: TaskSpec, model_spec: TinyModelSpec, pspec: PretrainSpec, info: dict, data: dict, *,
+                      n_train: int, new_fraction: float) -> str:
+    """The run description the demo's report starts with."""
+    return DESCRIPTION.format(
+        lo=task.lo,
+        hi=task.hi,
+        arch={"llama": "Llama", "qwen3": "Qwen3"}[model_spec.arch],
+        params=info["n_params"],
+        layers=model_spec.num_hidden_layers,
+        hidden=model_spec.hidden_size,
+        vocab=info["vocab_size"],
+        acc=info["heldout_acc_teacher_a"],
+        acc_new=info["heldout_acc_new_family"],
+        n_train=n_train,
+        new_pct=new_fraction,
+        pretrained_on="two- and three-operand" if pspec.short_prob > 0 else "three-operand",
+        new_family=NEW_FAMILY_TEXT[task.new_skill].format(n=task.new_operands, top=2 * task.hi),
+        saw_new=f" ({pspec.new_prob:.0%} of its pretraining problems were of it)" if pspec.new_prob > 0 else (
+            ", which it never saw"),
+        example=next(r["response"] for r in data["train_b"] if family_of(r, task) == "new"),
+    )
+
+
 def prepare_demo(
     run_dir,
     *,
@@ -81,8 +136,6 @@ def prepare_demo(
     bounds the greedy held-out check of θ0 recorded in ``info``. Every output is written
     atomically; a finished base model (``base_model/.done.json`` present with the same settings) is reused.
     """
-    import torch
-
     task = task or TaskSpec()
     model_spec = model or TinyModelSpec()
     pspec = pretrain_spec or PretrainSpec(seed=seed)
@@ -124,49 +177,10 @@ def prepare_demo(
         info = read_json(done_path)
         log(f"demo: reusing pretrained base model in {base_dir}")
     else:
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-        t0 = time.time()
-        net = build_model(model_spec, tok, seed=seed)
-        n_params = sum(p.numel() for p in net.parameters())
-        log(f"demo: pretraining a {n_params:,}-parameter {model_spec.arch} on teacher A for {pspec.steps} steps")
-        summary = pretrain(net, tok, task, pspec, log=log)
-        acc, _ = answer_accuracy(net, tok, data["heldout_old"], max_new_tokens=eval_max_new_tokens)
-        acc_new, _ = answer_accuracy(net, tok, data["heldout_new"], max_new_tokens=eval_max_new_tokens)
-        info = {
-            "settings": settings,
-            "n_params": n_params,
-            "vocab_size": len(tok),
-            "heldout_acc_teacher_a": acc,
-            "heldout_acc_new_family": acc_new,
-            "pretrain_seconds": summary["seconds"],
-            "final_loss_ema": summary["final_loss_ema"],
-            "total_seconds": time.time() - t0,
-        }
-        with atomic_path(base_dir, is_dir=True) as tmp:
-            net.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            write_json_atomic(tmp / ".done.json", info)
-        log(f"demo: base model ready, held-out accuracy {acc:.3f} on the old family, {acc_new:.3f} on the new "
-            f"({summary['seconds']:.0f}s)")
+        info = _pretrain_base(base_dir, tok, task, model_spec, pspec, data, settings=settings, seed=seed,
+                              eval_max_new_tokens=eval_max_new_tokens, log=log)
 
-    desc = DESCRIPTION.format(
-        lo=task.lo,
-        hi=task.hi,
-        arch={"llama": "Llama", "qwen3": "Qwen3"}[model_spec.arch],
-        params=info["n_params"],
-        layers=model_spec.num_hidden_layers,
-        hidden=model_spec.hidden_size,
-        vocab=info["vocab_size"],
-        acc=info["heldout_acc_teacher_a"],
-        acc_new=info["heldout_acc_new_family"],
-        n_train=n_train,
-        new_pct=new_fraction,
-        pretrained_on="two- and three-operand" if pspec.short_prob > 0 else "three-operand",
-        new_family=NEW_FAMILY_TEXT[task.new_skill].format(n=task.new_operands, top=2 * task.hi),
-        saw_new=f" ({pspec.new_prob:.0%} of its pretraining problems were of it)" if pspec.new_prob > 0 else (
-            ", which it never saw"),
-        example=next(r["response"] for r in data["train_b"] if family_of(r, task) == "new"),
-    )
+    desc = _demo_description(task, model_spec, pspec, info, data, n_train=n_train, new_fraction=new_fraction)
     return DemoAssets(
         base_model_dir=base_dir,
         tokenizer_dir=base_dir,
